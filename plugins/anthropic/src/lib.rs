@@ -1,0 +1,1 @@
+//! anthropic plugin (in progress)

@@ -1,0 +1,1 @@
+//! openai plugin (in progress)

@@ -1,0 +1,26 @@
+//! # llmq-sdk
+//!
+//! Everything a provider adapter needs to plug into the llmq daemon:
+//!
+//! - [`types`]: the canonical job, HTTP request/response and outcome types
+//!   that cross the boundary as JSON;
+//! - [`abi`]: the C ABI (`llmq_plugin_entry` → [`abi::PluginVTable`]), the
+//!   [`Plugin`] trait and the [`export_plugin!`] macro;
+//! - [`wire`]: parsers for rate-limit headers (`6m0s`, `retry-after`, RFC 3339);
+//! - `host` and `conformance` (feature `host`): loading a plugin `.so`, and
+//!   the conformance kit that checks one against recorded fixtures.
+//!
+//! Plugins are sans-I/O: they translate and classify, the daemon does the
+//! HTTP, timeouts, retries, keys and accounting.
+
+pub mod abi;
+pub mod types;
+pub mod wire;
+
+#[cfg(feature = "host")]
+pub mod conformance;
+#[cfg(feature = "host")]
+pub mod host;
+
+pub use abi::Plugin;
+pub use types::*;

@@ -1,0 +1,275 @@
+//! The canonical types that cross the plugin boundary as JSON.
+//!
+//! A plugin only ever sees these: the daemon turns a queued job into a
+//! [`PrepareInput`], the plugin turns it into an [`HttpRequest`], the daemon
+//! performs the I/O, and the plugin turns the [`HttpResponse`] into exactly one
+//! [`Parsed`] outcome.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One chat message, in the OpenAI shape (the lingua franca of producers).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: Content,
+}
+
+/// Message content: plain text or a list of typed parts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+impl Content {
+    /// All text of the content, parts joined with a newline.
+    pub fn text(&self) -> String {
+        match self {
+            Content::Text(t) => t.clone(),
+            Content::Parts(parts) => parts
+                .iter()
+                .filter_map(|p| match p {
+                    ContentPart::Text { text } => Some(text.as_str()),
+                    ContentPart::ImageUrl { .. } => None,
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+
+    /// True when any part is an image.
+    pub fn has_image(&self) -> bool {
+        matches!(self, Content::Parts(p) if p.iter().any(|p| matches!(p, ContentPart::ImageUrl { .. })))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageUrl {
+    /// `https://…` or a `data:image/png;base64,…` URL.
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// The request a plugin translates: one model, already chosen by the router.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    /// The upstream model id (what goes on the wire), e.g. `llama-3.1-8b-instant`.
+    pub model: String,
+    pub messages: Vec<Message>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// The job asked for JSON output (`require: ["json"]`).
+    #[serde(default)]
+    pub json: bool,
+}
+
+/// Provider settings a plugin needs to build a request.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ProviderInfo {
+    /// Provider name from the catalog, e.g. `groq`.
+    pub name: String,
+    /// Base URL without a trailing slash, e.g. `https://api.groq.com/openai/v1`.
+    pub base_url: String,
+    /// Free-form provider options from config (e.g. `anthropic_version`).
+    #[serde(default)]
+    pub options: BTreeMap<String, serde_json::Value>,
+}
+
+/// Input of `prepare`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrepareInput {
+    pub request: ChatRequest,
+    /// The API key secret; `None` for keyless providers (Ollama).
+    /// The plugin places it in a header and must never echo it elsewhere.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    pub provider: ProviderInfo,
+}
+
+/// Output of `prepare`: the HTTP request the daemon will send.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpRequest {
+    pub method: String,
+    pub url: String,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// The request body (JSON text for every first-party plugin).
+    #[serde(default)]
+    pub body: String,
+}
+
+/// Input of `parse`: what came back over the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names are lower-case.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    #[serde(default)]
+    pub body: String,
+    /// When the response arrived, in Unix milliseconds. Lets `parse` turn an
+    /// absolute reset time (Anthropic's RFC 3339 headers) into a duration
+    /// without reading a clock, so it stays deterministic.
+    #[serde(default)]
+    pub received_at_unix_ms: u64,
+}
+
+impl HttpResponse {
+    /// First header with this (lower-case) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Token usage of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// The one thing a response means. Exactly one per response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    Success {
+        text: String,
+        usage: Usage,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        finish_reason: Option<String>,
+    },
+    /// Slow down: the key is fine but over its rate for now.
+    RateLimited {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+    /// No credit / quota left: not a matter of waiting a minute.
+    QuotaExhausted,
+    /// The key is invalid, revoked or suspended.
+    AuthFailed,
+    /// The upstream rejected the request itself; another key won't help.
+    InvalidRequest,
+    ContextTooLong,
+    ModelNotFound,
+    /// 5xx, overload, garbage: try again, preferably elsewhere.
+    Transient,
+}
+
+impl Outcome {
+    /// Stable snake_case name, as used in results, metrics and stats.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Success { .. } => "success",
+            Outcome::RateLimited { .. } => "rate_limited",
+            Outcome::QuotaExhausted => "quota_exhausted",
+            Outcome::AuthFailed => "auth_failed",
+            Outcome::InvalidRequest => "invalid_request",
+            Outcome::ContextTooLong => "context_too_long",
+            Outcome::ModelNotFound => "model_not_found",
+            Outcome::Transient => "transient",
+        }
+    }
+}
+
+/// Limits the upstream reported in its rate-limit headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ObservedLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_limit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_remaining: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_reset_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_limit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_remaining: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_reset_ms: Option<u64>,
+}
+
+impl ObservedLimits {
+    pub fn is_empty(&self) -> bool {
+        *self == ObservedLimits::default()
+    }
+}
+
+/// Output of `parse`: the outcome, the upstream's message, observed limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Parsed {
+    pub outcome: Outcome,
+    /// The upstream's human-readable error message, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "ObservedLimits::is_empty")]
+    pub limits: ObservedLimits,
+}
+
+impl Parsed {
+    pub fn new(outcome: Outcome) -> Self {
+        Parsed {
+            outcome,
+            message: None,
+            limits: ObservedLimits::default(),
+        }
+    }
+
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = Some(message.into());
+        self
+    }
+
+    pub fn with_limits(mut self, limits: ObservedLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+}
+
+/// A default provider a plugin may advertise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderDefault {
+    pub name: String,
+    pub base_url: String,
+}
+
+/// What a plugin is: returned by `manifest`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The plugin name that config refers to (`plugin = "openai"`).
+    pub name: String,
+    pub version: String,
+    /// Wire protocols served, e.g. `["openai-chat"]`.
+    pub protocols: Vec<String>,
+    #[serde(default)]
+    pub providers: Vec<ProviderDefault>,
+}
+
+/// An error a plugin returns instead of a request or outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct PluginError {
+    pub message: String,
+}
+
+impl PluginError {
+    pub fn new(message: impl Into<String>) -> Self {
+        PluginError {
+            message: message.into(),
+        }
+    }
+}

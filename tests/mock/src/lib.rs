@@ -1,0 +1,1 @@
+//! mock provider (in progress)
