@@ -14,6 +14,7 @@
 //! HTTP, timeouts, retries, keys and accounting.
 
 pub mod abi;
+pub mod estimate;
 pub mod types;
 pub mod wire;
 
