@@ -1,1 +1,25 @@
-//! llmq
+//! # llmq, the daemon
+//!
+//! Takes LLM jobs off Redis Streams, routes each to a provider, model and API
+//! key that can serve it now (free tiers first), calls the upstream through a
+//! provider plugin and writes the result back. See ARCHITECTURE.md for the
+//! bird's-eye view and the invariants.
+
+pub mod catalog;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod executor;
+pub mod job;
+pub mod keys;
+pub mod keystore;
+pub mod limits;
+pub mod plugin_host;
+pub mod pool;
+pub mod queue;
+pub mod router;
+pub mod serve;
+pub mod upstream;
+
+pub use error::{Error, Result};
