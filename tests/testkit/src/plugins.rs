@@ -16,12 +16,35 @@ pub const PLUGIN_PACKAGES: &[&str] = &[
     "llmq-plugin-gemini",
 ];
 
+/// Deliberately broken plugins for negative tests (tests/fixture-plugins).
+pub const FIXTURE_PACKAGES: &[&str] = &[
+    "llmq-fixture-panicky",
+    "llmq-fixture-garbage",
+    "llmq-fixture-bad-abi",
+];
+
 static DIR: OnceLock<PathBuf> = OnceLock::new();
+static FIXTURES: OnceLock<Vec<PathBuf>> = OnceLock::new();
+
+/// The built `.so` of a fixture plugin, by its short name (`panicky`, `garbage`, `bad-abi`).
+pub fn fixture_plugin(name: &str) -> PathBuf {
+    let files = FIXTURES.get_or_init(|| build_cdylibs(FIXTURE_PACKAGES));
+    let stem = format!("llmq_fixture_{}", name.replace('-', "_"));
+    files
+        .iter()
+        .find(|f| {
+            f.file_stem()
+                .and_then(|s| s.to_str())
+                .is_some_and(|s| s.trim_start_matches("lib") == stem)
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("no fixture plugin {name} among {files:?}"))
+}
 
 /// A directory holding exactly the three first-party plugins.
 pub fn plugin_dir() -> &'static Path {
     DIR.get_or_init(|| {
-        let files = build_plugins();
+        let files = build_cdylibs(PLUGIN_PACKAGES);
         let dir = std::env::temp_dir().join(format!("llmq-test-plugins-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {dir:?}: {e}"));
         for f in files {
@@ -32,9 +55,9 @@ pub fn plugin_dir() -> &'static Path {
     })
 }
 
-/// Builds the plugin packages with the same profile as this test binary and
+/// Builds cdylib packages with the same profile as this test binary and
 /// returns the cdylib paths.
-pub fn build_plugins() -> Vec<PathBuf> {
+pub fn build_cdylibs(packages: &[&str]) -> Vec<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.arg("build")
@@ -42,7 +65,7 @@ pub fn build_plugins() -> Vec<PathBuf> {
     if !cfg!(debug_assertions) {
         cmd.arg("--release");
     }
-    for p in PLUGIN_PACKAGES {
+    for p in packages {
         cmd.arg("-p").arg(p);
     }
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
@@ -80,7 +103,7 @@ pub fn build_plugins() -> Vec<PathBuf> {
     }
     assert_eq!(
         files.len(),
-        PLUGIN_PACKAGES.len(),
+        packages.len(),
         "expected one cdylib per plugin package, got {files:?}"
     );
     files
