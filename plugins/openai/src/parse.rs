@@ -83,6 +83,9 @@ const MODEL_PHRASES: &[&str] = &[
     "does not have access",
     "not allowed to sample",
 ];
+/// Codes of a generation that failed this time but may succeed on a retry
+/// (Groq's JSON mode: "Failed to generate JSON").
+const RETRYABLE_CODES: &[&str] = &["json_validate_failed"];
 /// Messages of a content-policy refusal (OpenRouter's 403 moderation).
 const MODERATION_PHRASES: &[&str] = &["flagged", "moderation", "guardrail", "content policy"];
 
@@ -256,6 +259,8 @@ fn classify(status: u16, resp: &HttpResponse, info: &ErrorInfo) -> Outcome {
                 Outcome::ContextTooLong
             } else if info.is_model() {
                 Outcome::ModelNotFound
+            } else if info.has_code(RETRYABLE_CODES) {
+                Outcome::Transient
             } else if status == 400 || status == 422 {
                 Outcome::InvalidRequest
             } else {
@@ -747,6 +752,12 @@ mod tests {
             let r = resp(status, &[], json!({"error": {"message": "x"}}));
             assert_eq!(parse(&r).outcome, Outcome::Transient, "status {status}");
         }
+        let json_failed = resp(
+            400,
+            &[],
+            json!({"error": {"message": "Failed to generate JSON. Please adjust your prompt. See 'failed_generation' for more details.", "type": "invalid_request_error", "code": "json_validate_failed", "failed_generation": "{\"city\": "}}),
+        );
+        assert_eq!(parse(&json_failed).outcome, Outcome::Transient);
         let key_on_400 = resp(
             400,
             &[],
