@@ -1,0 +1,253 @@
+//! The three provider wire formats: request parsing (with the shared token
+//! estimate), success bodies, error bodies and rate-limit headers.
+//!
+//! Each protocol implements [`Wire`]; the request pipeline in `server` is
+//! generic over it.
+
+pub(crate) mod anthropic;
+pub(crate) mod gemini;
+pub(crate) mod openai;
+
+use crate::limiter::{Rejection, Snapshot};
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use llmq_sdk::estimate::{text_tokens, DEFAULT_MAX_TOKENS, PER_IMAGE_TOKENS, PER_MESSAGE_TOKENS};
+use serde_json::Value;
+use std::time::Duration;
+
+/// What the pipeline needs from a request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Parsed {
+    pub model: String,
+    /// The shared prompt estimate (`llmq_sdk::estimate`).
+    pub prompt_tokens: u64,
+    /// `max_tokens` of the request, or the default (256).
+    pub max_tokens: u64,
+    /// Text of the last user message (text parts joined with `\n`).
+    pub last_user_text: String,
+}
+
+impl Parsed {
+    /// What the request is charged against tokens-per-window.
+    pub fn charge(&self) -> u64 {
+        self.prompt_tokens + self.max_tokens
+    }
+}
+
+/// The deterministic answer to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Reply {
+    pub text: String,
+    pub output_tokens: u64,
+    /// Cut short by `max_tokens`.
+    pub truncated: bool,
+}
+
+/// `mock reply to: <last user text, first 64 chars>`, cut to `max_tokens`.
+pub(crate) fn reply(p: &Parsed) -> Reply {
+    let snippet: String = p.last_user_text.chars().take(64).collect();
+    let text = format!("mock reply to: {snippet}");
+    let tokens = text_tokens(&text);
+    if tokens <= p.max_tokens {
+        return Reply {
+            text,
+            output_tokens: tokens,
+            truncated: false,
+        };
+    }
+    let mut end = usize::try_from(p.max_tokens.saturating_mul(4)).unwrap_or(usize::MAX);
+    end = end.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Reply {
+        text: text[..end].to_owned(),
+        output_tokens: p.max_tokens,
+        truncated: true,
+    }
+}
+
+/// The 5xx flavours a test can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ServerError {
+    Internal,
+    Unavailable,
+    Overloaded,
+}
+
+/// A response before it is handed to axum, so it can also be sent slowly.
+#[derive(Debug)]
+pub(crate) struct WireResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl WireResponse {
+    pub fn json(status: u16, body: &Value) -> Self {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        WireResponse {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            headers,
+            body: Bytes::from(serde_json::to_vec(body).unwrap_or_default()),
+        }
+    }
+
+    pub fn html(status: u16, body: &'static str) -> Self {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        WireResponse {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+            headers,
+            body: Bytes::from_static(body.as_bytes()),
+        }
+    }
+
+    /// Adds a header; values that are not valid header text are skipped.
+    pub fn header(mut self, name: &'static str, value: impl std::fmt::Display) -> Self {
+        if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+            self.headers.insert(HeaderName::from_static(name), v);
+        }
+        self
+    }
+
+    /// The headers first, then the body after `delay`.
+    pub fn into_slow_response(self, delay: Duration) -> Response {
+        let body = self.body;
+        let stream = futures::stream::once(async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, std::io::Error>(body)
+        });
+        (self.status, self.headers, Body::from_stream(stream)).into_response()
+    }
+}
+
+impl IntoResponse for WireResponse {
+    fn into_response(self) -> Response {
+        (self.status, self.headers, self.body).into_response()
+    }
+}
+
+/// A response whose body fails before its first byte: hyper then closes the
+/// connection without flushing the status line, so the client sees the
+/// connection drop with no response at all.
+pub(crate) fn connection_reset() -> Response {
+    let stream = futures::stream::iter([Err::<Bytes, _>(std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "injected connection reset",
+    ))]);
+    (StatusCode::OK, Body::from_stream(stream)).into_response()
+}
+
+/// Serves one protocol: parses its requests and renders its answers.
+pub(crate) trait Wire {
+    /// Parses and validates a request body. `path_model` is the model from
+    /// the URL (Gemini). Errors are the protocol's 400 bodies.
+    fn parse(
+        id: u64,
+        body: &[u8],
+        headers: &HeaderMap,
+        path_model: Option<&str>,
+    ) -> Result<Parsed, WireResponse>;
+    fn success(id: u64, p: &Parsed, r: &Reply, snap: &Snapshot) -> WireResponse;
+    fn rate_limited(id: u64, model: &str, rej: &Rejection, snap: &Snapshot) -> WireResponse;
+    fn missing_key(id: u64) -> WireResponse;
+    /// `masked` is the masked key (never the raw one).
+    fn invalid_key(id: u64, masked: &str) -> WireResponse;
+    fn no_credit(id: u64) -> WireResponse;
+    fn suspended(id: u64, masked: &str) -> WireResponse;
+    fn model_not_found(id: u64, model: &str) -> WireResponse;
+    fn context_too_long(id: u64, p: &Parsed, limit: u64) -> WireResponse;
+    fn server_error(id: u64, e: ServerError) -> WireResponse;
+}
+
+/// Tokens of one content part in the request, by the shared estimate.
+pub(crate) enum PartTokens {
+    Text(u64),
+    Image,
+    Other,
+}
+
+impl PartTokens {
+    fn tokens(&self) -> u64 {
+        match self {
+            PartTokens::Text(t) => *t,
+            PartTokens::Image => PER_IMAGE_TOKENS,
+            PartTokens::Other => 0,
+        }
+    }
+}
+
+/// Accumulates the prompt estimate message by message.
+#[derive(Debug, Default)]
+pub(crate) struct Estimate {
+    pub tokens: u64,
+}
+
+impl Estimate {
+    /// One message: the framing charge plus its parts.
+    pub fn message(&mut self, parts: impl IntoIterator<Item = PartTokens>) {
+        self.tokens += PER_MESSAGE_TOKENS + parts.into_iter().map(|p| p.tokens()).sum::<u64>();
+    }
+}
+
+/// Tokens of a text part.
+pub(crate) fn text_part(text: &str) -> PartTokens {
+    PartTokens::Text(text_tokens(text))
+}
+
+/// A non-negative integer field, if present.
+pub(crate) fn u64_field(v: Option<&Value>) -> Option<u64> {
+    v.and_then(Value::as_u64)
+}
+
+/// `max_tokens` or the default.
+pub(crate) fn max_tokens_or_default(v: Option<u64>) -> u64 {
+    v.unwrap_or(DEFAULT_MAX_TOKENS)
+}
+
+/// Seconds and milliseconds of a retry hint, both rounded up.
+pub(crate) fn retry_hint(rej: &Rejection) -> (u64, u64) {
+    let ms = crate::format::ns_to_ms_ceil(rej.wait_ns);
+    (crate::format::ms_to_secs_ceil(ms), ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &str, max_tokens: u64) -> Parsed {
+        Parsed {
+            model: "m".into(),
+            prompt_tokens: 0,
+            max_tokens,
+            last_user_text: text.into(),
+        }
+    }
+
+    #[test]
+    fn reply_is_deterministic_and_capped() {
+        let r = reply(&parsed("hello", 256));
+        assert_eq!(r.text, "mock reply to: hello");
+        assert_eq!(r.output_tokens, 5);
+        assert!(!r.truncated);
+        let long = "é".repeat(100);
+        let r = reply(&parsed(&long, 256));
+        assert_eq!(r.text.chars().count(), "mock reply to: ".len() + 64);
+        let r = reply(&parsed("hello", 2));
+        assert_eq!(
+            (r.text.as_str(), r.output_tokens, r.truncated),
+            ("mock rep", 2, true)
+        );
+        let r = reply(&parsed(&long, 5));
+        assert!(r.truncated && r.text.len() <= 20);
+    }
+}
