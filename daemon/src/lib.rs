@@ -5,9 +5,11 @@
 //! provider plugin and writes the result back. See ARCHITECTURE.md for the
 //! bird's-eye view and the invariants.
 
+pub mod budget;
 pub mod catalog;
 pub mod cli;
 pub mod clock;
+pub mod commands;
 pub mod config;
 pub mod error;
 pub mod executor;
