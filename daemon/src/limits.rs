@@ -1,1 +1,0 @@
-//! limits (in progress)

@@ -1,0 +1,623 @@
+//! Per-key admission control: one limiter per API key, holding requests and
+//! tokens per window (RPM/TPM), requests and tokens per UTC day (RPD/TPD), a
+//! cap on concurrent calls and the limits the upstream reports in its
+//! headers. This module owns the [`Admission`] trait and its in-process
+//! implementation, [`LocalLimiter`]; the key pool drives one per key.
+//!
+//! # Shapes
+//!
+//! A GCRA with burst N admits up to 2N−1 calls in its first window, which an
+//! upstream that counts a *rolling* window answers with 429s. So the shape is
+//! chosen per provider ([`LimitShape`]):
+//! - `Rolling` (default): at most N in ANY window of length `window`. RPM is a
+//!   log of the last admissions, TPM a log of `(time, tokens)`; both exact.
+//! - `TokenBucket`: governor's GCRA, burst N, refilled at N per window, for
+//!   upstreams that document a bucket (Anthropic).
+//!
+//! # Skew safety (the invariant)
+//!
+//! The upstream stamps a call when it *receives* it, some time after we admit
+//! it. A rolling slot is therefore stamped with the time the call
+//! **completes** (`max(admitted, completed)`), and until then it counts as
+//! occupied *now*. As the upstream's stamp lies between our admission and our
+//! completion, every call the upstream counts in its window at the moment it
+//! receives call `r` is, at the moment we admitted `r`, either still in flight
+//! or completed less than `window` ago — so it was in our count too. Hence with
+//! a window of the same length we never send N+1 calls into any upstream
+//! window, whatever the network delay, and without a guessed safety margin.
+//! (The token-bucket shape has no such slack: GCRA debits at admission.)
+//!
+//! # Tokens
+//!
+//! TPM and TPD are charged *before* the call with the caller's estimate
+//! (`llmq_sdk::estimate::charged_tokens`: prompt estimate + `max_tokens`, as
+//! OpenAI counts). On completion the daily counter is corrected to the real
+//! usage when it is known; the window keeps the estimate (upstreams charge
+//! the window up front too).
+//!
+//! # Time
+//!
+//! Every call takes a [`Now`] read from the daemon's [`Clock`], so tests drive
+//! limiters with `ManualClock`. Windows use monotonic time; days are UTC days
+//! of the wall clock.
+
+mod bucket;
+mod rolling;
+
+use crate::clock::Clock;
+use crate::config::{LimitShape, Limits, ProviderConfig};
+use crate::keys::ApiKey;
+use bucket::Bucket;
+use llmq_sdk::ObservedLimits;
+use rolling::{Block, RollingLog};
+use serde::Serialize;
+use std::fmt;
+use std::time::Duration;
+
+/// Milliseconds in a UTC day.
+pub const DAY_MS: u64 = 86_400_000;
+/// The upstreams' rate window, unless a provider sets `window`.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
+
+/// One reading of the clock: monotonic time for windows and deadlines, Unix
+/// time for UTC days and persisted timestamps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub mono: Duration,
+    pub unix_ms: u64,
+}
+
+impl Now {
+    pub fn of(clock: &dyn Clock) -> Now {
+        Now {
+            mono: clock.now(),
+            unix_ms: clock.unix_ms(),
+        }
+    }
+
+    /// Days since the Unix epoch (UTC).
+    pub fn day(self) -> u64 {
+        self.unix_ms / DAY_MS
+    }
+
+    /// Clock time of the next UTC midnight.
+    pub fn next_midnight(self) -> Duration {
+        self.mono + Duration::from_millis(DAY_MS - self.unix_ms % DAY_MS)
+    }
+
+    /// Unix milliseconds of a clock time.
+    pub fn unix_ms_at(self, mono: Duration) -> u64 {
+        if mono >= self.mono {
+            self.unix_ms
+                .saturating_add((mono - self.mono).as_millis() as u64)
+        } else {
+            self.unix_ms
+                .saturating_sub((self.mono - mono).as_millis() as u64)
+        }
+    }
+
+    /// Clock time of a Unix-milliseconds instant (saturating at clock zero).
+    pub fn mono_at(self, unix_ms: u64) -> Duration {
+        if unix_ms >= self.unix_ms {
+            self.mono + Duration::from_millis(unix_ms - self.unix_ms)
+        } else {
+            self.mono
+                .saturating_sub(Duration::from_millis(self.unix_ms - unix_ms))
+        }
+    }
+}
+
+/// What one key's limiter enforces.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LimiterConfig {
+    pub limits: Limits,
+    pub max_concurrent: Option<u32>,
+    pub window: Duration,
+    pub shape: LimitShape,
+}
+
+impl Default for LimiterConfig {
+    fn default() -> Self {
+        LimiterConfig {
+            limits: Limits::default(),
+            max_concurrent: None,
+            window: DEFAULT_WINDOW,
+            shape: LimitShape::Rolling,
+        }
+    }
+}
+
+impl LimiterConfig {
+    /// A key's limits: its own overrides over the provider's per-key defaults.
+    pub fn for_key(provider: &ProviderConfig, key: &ApiKey) -> LimiterConfig {
+        LimiterConfig {
+            limits: key.effective_limits(&provider.limits),
+            max_concurrent: key.effective_max_concurrent(provider.max_concurrent),
+            window: provider
+                .window
+                .filter(|w| !w.is_zero())
+                .unwrap_or(DEFAULT_WINDOW),
+            shape: provider.limit_shape,
+        }
+    }
+}
+
+/// Which limit refused a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Gate {
+    Concurrency,
+    Rpm,
+    Tpm,
+    Rpd,
+    Tpd,
+    /// The upstream said no requests remain until its reset.
+    UpstreamRequests,
+    /// The upstream said no tokens remain until its reset.
+    UpstreamTokens,
+}
+
+impl Gate {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Gate::Concurrency => "concurrency",
+            Gate::Rpm => "rpm",
+            Gate::Tpm => "tpm",
+            Gate::Rpd => "rpd",
+            Gate::Tpd => "tpd",
+            Gate::UpstreamRequests => "upstream_requests",
+            Gate::UpstreamTokens => "upstream_tokens",
+        }
+    }
+}
+
+impl fmt::Display for Gate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a call cannot pass now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such call passes before `until` (clock time). A lower bound: a
+    /// check at `until` may still refuse, for another reason.
+    Until { until: Duration, gate: Gate },
+    /// Every concurrency slot is in flight: room comes with a completion.
+    Busy,
+    /// This call can never pass: it alone asks more than the limit.
+    Never { gate: Gate, limit: u64, asked: u64 },
+}
+
+impl Refusal {
+    pub fn until(&self) -> Option<Duration> {
+        match self {
+            Refusal::Until { until, .. } => Some(*until),
+            Refusal::Busy | Refusal::Never { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Until { until, gate } => write!(f, "{gate} full until {until:?}"),
+            Refusal::Busy => f.write_str("all concurrency slots in flight"),
+            Refusal::Never { gate, limit, asked } => {
+                write!(f, "asks {asked} but the {gate} limit is {limit}")
+            }
+        }
+    }
+}
+
+/// Proof of one admission; hand it back with `complete` or `cancel`.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a ticket holds a slot until it is completed or cancelled"]
+pub struct Ticket {
+    admitted: Duration,
+    tokens: u64,
+    day: u64,
+}
+
+impl Ticket {
+    /// Clock time of the admission.
+    pub fn admitted(&self) -> Duration {
+        self.admitted
+    }
+
+    /// Tokens charged up front.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+}
+
+/// A limiter's current load, for `llmq keys` and the dashboard's usage bars.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct LimiterUsage {
+    pub in_flight: u32,
+    /// Requests counted in the current window (rolling) or bucket debt.
+    pub window_requests: u64,
+    /// Tokens counted in the current window (rolling) or bucket debt.
+    pub window_tokens: u64,
+    /// Today's (UTC) requests and tokens.
+    pub day_requests: u64,
+    pub day_tokens: u64,
+    /// Effective limits: configured, tightened by what the upstream reported.
+    pub limits: Limits,
+    /// Clock time until which the upstream said nothing remains.
+    pub upstream_blocked_until: Option<Duration>,
+}
+
+/// Admission control for one key.
+///
+/// The pool calls it under a short lock, never across an await, so every
+/// method is synchronous and in memory. An implementation that holds the
+/// limits *globally* across daemons keeps that shape: it admits against
+/// capacity leased from Redis ahead of time (see ARCHITECTURE.md), and a
+/// refusal it cannot decide locally is just an `Until` a little ahead.
+pub trait Admission: Send + fmt::Debug {
+    /// Whether a call charged `tokens` could pass at `now` (nothing taken).
+    fn check(&mut self, now: Now, tokens: u64) -> Result<(), Refusal>;
+    /// Takes the capacity for one call, or says why not.
+    fn admit(&mut self, now: Now, tokens: u64) -> Result<Ticket, Refusal>;
+    /// The call finished (answered or failed) at `now`. `actual_tokens`, when
+    /// known, corrects the daily token count.
+    fn complete(&mut self, ticket: Ticket, now: Now, actual_tokens: Option<u64>);
+    /// The call was never sent: gives its capacity back where the shape can.
+    fn cancel(&mut self, ticket: Ticket, now: Now);
+    /// Limits read from the upstream's rate-limit headers.
+    fn observe(&mut self, seen: &ObservedLimits, now: Now);
+    fn usage(&mut self, now: Now) -> LimiterUsage;
+    /// Adds today's counts restored from storage.
+    fn restore_daily(&mut self, now: Now, requests: u64, tokens: u64);
+    /// New configuration (SIGHUP); history is kept where the shape allows.
+    fn reconfigure(&mut self, cfg: LimiterConfig, now: Now);
+    fn config(&self) -> &LimiterConfig;
+}
+
+/// A per-window meter in one of the two shapes.
+#[derive(Debug)]
+enum Meter {
+    Rolling(RollingLog),
+    Bucket(Bucket),
+}
+
+impl Meter {
+    fn new(shape: LimitShape, limit: u64, window: Duration, now: Duration) -> Meter {
+        match shape {
+            LimitShape::Rolling => Meter::Rolling(RollingLog::new(limit, window)),
+            LimitShape::TokenBucket => Meter::Bucket(Bucket::new(limit, window, now)),
+        }
+    }
+
+    fn limit(&self) -> u64 {
+        match self {
+            Meter::Rolling(r) => r.limit(),
+            Meter::Bucket(b) => b.limit(),
+        }
+    }
+
+    fn check(&mut self, now: Duration, weight: u64) -> Result<(), Block> {
+        match self {
+            Meter::Rolling(r) => r.check(now, weight),
+            Meter::Bucket(b) => b.check(now, weight),
+        }
+    }
+
+    fn take(&mut self, now: Duration, weight: u64) {
+        match self {
+            Meter::Rolling(r) => r.reserve(weight),
+            Meter::Bucket(b) => {
+                // Checked just before under the same lock and time: conforms.
+                let _ = b.take(now, weight);
+            }
+        }
+    }
+
+    fn complete(&mut self, weight: u64, admitted: Duration, now: Duration) {
+        if let Meter::Rolling(r) = self {
+            r.complete(weight, admitted, now);
+        }
+    }
+
+    fn cancel(&mut self, weight: u64) {
+        if let Meter::Rolling(r) = self {
+            r.cancel(weight);
+        }
+    }
+
+    fn used(&mut self, now: Duration) -> u64 {
+        match self {
+            Meter::Rolling(r) => r.used(now),
+            Meter::Bucket(b) => b.used(now),
+        }
+    }
+
+    fn set_limit(&mut self, limit: u64, now: Duration) {
+        match self {
+            Meter::Rolling(r) => r.set_limit(limit),
+            Meter::Bucket(b) => b.set_limit(limit, now),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Daily {
+    day: u64,
+    requests: u64,
+    tokens: u64,
+}
+
+/// The in-process [`Admission`]: exact, all in memory.
+#[derive(Debug)]
+pub struct LocalLimiter {
+    cfg: LimiterConfig,
+    /// Limits the upstream reported stricter than `cfg` (rpm and tpm).
+    learned: Limits,
+    in_flight: u32,
+    requests: Option<Meter>,
+    tokens: Option<Meter>,
+    daily: Daily,
+    /// The upstream said no requests / tokens remain until then.
+    blocked_requests: Duration,
+    blocked_tokens: Duration,
+}
+
+fn stricter(configured: Option<u64>, learned: Option<u64>) -> Option<u64> {
+    match (configured, learned) {
+        (Some(c), Some(l)) => Some(c.min(l)),
+        (c, l) => c.or(l),
+    }
+}
+
+impl LocalLimiter {
+    pub fn new(cfg: LimiterConfig, now: Now) -> LocalLimiter {
+        let mut l = LocalLimiter {
+            cfg,
+            learned: Limits::default(),
+            in_flight: 0,
+            requests: None,
+            tokens: None,
+            daily: Daily {
+                day: now.day(),
+                ..Daily::default()
+            },
+            blocked_requests: Duration::ZERO,
+            blocked_tokens: Duration::ZERO,
+        };
+        l.build_meters(now);
+        l
+    }
+
+    /// Configured limits tightened by learned ones.
+    pub fn effective_limits(&self) -> Limits {
+        Limits {
+            rpm: stricter(self.cfg.limits.rpm, self.learned.rpm),
+            tpm: stricter(self.cfg.limits.tpm, self.learned.tpm),
+            rpd: self.cfg.limits.rpd,
+            tpd: self.cfg.limits.tpd,
+        }
+    }
+
+    fn build_meters(&mut self, now: Now) {
+        let eff = self.effective_limits();
+        let (shape, window) = (self.cfg.shape, self.cfg.window);
+        self.requests = eff.rpm.map(|n| Meter::new(shape, n, window, now.mono));
+        self.tokens = eff.tpm.map(|n| Meter::new(shape, n, window, now.mono));
+    }
+
+    /// Applies a (possibly) changed effective limit to a meter, keeping history.
+    fn retune(meter: &mut Option<Meter>, limit: Option<u64>, cfg: &LimiterConfig, now: Now) {
+        match (meter.as_mut(), limit) {
+            (Some(m), Some(n)) if m.limit() != n => m.set_limit(n, now.mono),
+            (Some(_), Some(_)) => {}
+            (None, Some(n)) => *meter = Some(Meter::new(cfg.shape, n, cfg.window, now.mono)),
+            (_, None) => *meter = None,
+        }
+    }
+
+    fn roll_day(&mut self, now: Now) {
+        let day = now.day();
+        if day != self.daily.day {
+            self.daily = Daily {
+                day,
+                ..Daily::default()
+            };
+        }
+    }
+}
+
+impl Admission for LocalLimiter {
+    fn check(&mut self, now: Now, tokens: u64) -> Result<(), Refusal> {
+        self.roll_day(now);
+        let eff = self.effective_limits();
+        if let Some(tpd) = eff.tpd {
+            if tokens > tpd {
+                return Err(Refusal::Never {
+                    gate: Gate::Tpd,
+                    limit: tpd,
+                    asked: tokens,
+                });
+            }
+        }
+        let mut worst: Option<(Duration, Gate)> = None;
+        let mut later = |until: Duration, gate: Gate| {
+            if worst.is_none_or(|(t, _)| until > t) {
+                worst = Some((until, gate));
+            }
+        };
+        if let Some(m) = self.tokens.as_mut() {
+            match m.check(now.mono, tokens) {
+                Ok(()) => {}
+                Err(Block::Never(limit)) => {
+                    return Err(Refusal::Never {
+                        gate: Gate::Tpm,
+                        limit,
+                        asked: tokens,
+                    })
+                }
+                Err(Block::Until(t)) => later(t, Gate::Tpm),
+            }
+        }
+        if let Some(m) = self.requests.as_mut() {
+            match m.check(now.mono, 1) {
+                Ok(()) => {}
+                // A zero rpm: nothing ever passes this key.
+                Err(Block::Never(limit)) => {
+                    return Err(Refusal::Never {
+                        gate: Gate::Rpm,
+                        limit,
+                        asked: 1,
+                    })
+                }
+                Err(Block::Until(t)) => later(t, Gate::Rpm),
+            }
+        }
+        if self.blocked_requests > now.mono {
+            later(self.blocked_requests, Gate::UpstreamRequests);
+        }
+        if tokens > 0 && self.blocked_tokens > now.mono {
+            later(self.blocked_tokens, Gate::UpstreamTokens);
+        }
+        if let Some(rpd) = eff.rpd {
+            if self.daily.requests >= rpd {
+                later(now.next_midnight(), Gate::Rpd);
+            }
+        }
+        if let Some(tpd) = eff.tpd {
+            if self.daily.tokens + tokens > tpd {
+                later(now.next_midnight(), Gate::Tpd);
+            }
+        }
+        if let Some((until, gate)) = worst {
+            return Err(Refusal::Until { until, gate });
+        }
+        if let Some(max) = self.cfg.max_concurrent {
+            if self.in_flight >= max {
+                return Err(Refusal::Busy);
+            }
+        }
+        Ok(())
+    }
+
+    fn admit(&mut self, now: Now, tokens: u64) -> Result<Ticket, Refusal> {
+        self.check(now, tokens)?;
+        self.in_flight += 1;
+        if let Some(m) = self.requests.as_mut() {
+            m.take(now.mono, 1);
+        }
+        if let Some(m) = self.tokens.as_mut() {
+            m.take(now.mono, tokens);
+        }
+        self.daily.requests += 1;
+        self.daily.tokens += tokens;
+        Ok(Ticket {
+            admitted: now.mono,
+            tokens,
+            day: self.daily.day,
+        })
+    }
+
+    fn complete(&mut self, ticket: Ticket, now: Now, actual_tokens: Option<u64>) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(m) = self.requests.as_mut() {
+            m.complete(1, ticket.admitted, now.mono);
+        }
+        if let Some(m) = self.tokens.as_mut() {
+            m.complete(ticket.tokens, ticket.admitted, now.mono);
+        }
+        self.roll_day(now);
+        if let Some(actual) = actual_tokens {
+            if ticket.day == self.daily.day {
+                self.daily.tokens = self.daily.tokens.saturating_sub(ticket.tokens) + actual;
+            }
+        }
+    }
+
+    fn cancel(&mut self, ticket: Ticket, now: Now) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let Some(m) = self.requests.as_mut() {
+            m.cancel(1);
+        }
+        if let Some(m) = self.tokens.as_mut() {
+            m.cancel(ticket.tokens);
+        }
+        self.roll_day(now);
+        if ticket.day == self.daily.day {
+            self.daily.requests = self.daily.requests.saturating_sub(1);
+            self.daily.tokens = self.daily.tokens.saturating_sub(ticket.tokens);
+        }
+    }
+
+    fn observe(&mut self, seen: &ObservedLimits, now: Now) {
+        let reset =
+            |ms: Option<u64>| now.mono + ms.map(Duration::from_millis).unwrap_or(self.cfg.window);
+        if seen.requests_remaining == Some(0) {
+            self.blocked_requests = self.blocked_requests.max(reset(seen.requests_reset_ms));
+        }
+        if seen.tokens_remaining == Some(0) {
+            self.blocked_tokens = self.blocked_tokens.max(reset(seen.tokens_reset_ms));
+        }
+        let eff = self.effective_limits();
+        let mut changed = false;
+        if let Some(l) = seen.requests_limit.filter(|&l| l > 0) {
+            if eff.rpm.is_none_or(|c| l < c) {
+                self.learned.rpm = Some(l);
+                changed = true;
+            }
+        }
+        if let Some(l) = seen.tokens_limit.filter(|&l| l > 0) {
+            if eff.tpm.is_none_or(|c| l < c) {
+                self.learned.tpm = Some(l);
+                changed = true;
+            }
+        }
+        if changed {
+            let eff = self.effective_limits();
+            Self::retune(&mut self.requests, eff.rpm, &self.cfg, now);
+            Self::retune(&mut self.tokens, eff.tpm, &self.cfg, now);
+        }
+    }
+
+    fn usage(&mut self, now: Now) -> LimiterUsage {
+        self.roll_day(now);
+        let blocked = self.blocked_requests.max(self.blocked_tokens);
+        LimiterUsage {
+            in_flight: self.in_flight,
+            window_requests: self.requests.as_mut().map_or(0, |m| m.used(now.mono)),
+            window_tokens: self.tokens.as_mut().map_or(0, |m| m.used(now.mono)),
+            day_requests: self.daily.requests,
+            day_tokens: self.daily.tokens,
+            limits: self.effective_limits(),
+            upstream_blocked_until: (blocked > now.mono).then_some(blocked),
+        }
+    }
+
+    fn restore_daily(&mut self, now: Now, requests: u64, tokens: u64) {
+        self.roll_day(now);
+        self.daily.requests += requests;
+        self.daily.tokens += tokens;
+    }
+
+    fn reconfigure(&mut self, cfg: LimiterConfig, now: Now) {
+        if cfg == self.cfg {
+            return;
+        }
+        let rebuild = cfg.shape != self.cfg.shape || cfg.window != self.cfg.window;
+        self.cfg = cfg;
+        if rebuild {
+            self.build_meters(now);
+        } else {
+            let eff = self.effective_limits();
+            Self::retune(&mut self.requests, eff.rpm, &self.cfg, now);
+            Self::retune(&mut self.tokens, eff.tpm, &self.cfg, now);
+        }
+    }
+
+    fn config(&self) -> &LimiterConfig {
+        &self.cfg
+    }
+}
+
+#[cfg(test)]
+mod tests;
