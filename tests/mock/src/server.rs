@@ -158,7 +158,7 @@ fn screen<W: Wire>(
     }
     let parsed = match W::parse(id, body, headers, path_model) {
         Ok(p) => p,
-        Err(e) => return refuse(Outcome::BadRequest, e),
+        Err(e) => return refuse(Outcome::BadRequest, *e),
     };
     if parsed.model.starts_with("missing") {
         return refuse(

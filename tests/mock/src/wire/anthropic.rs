@@ -91,9 +91,12 @@ impl Wire for Anthropic {
         body: &[u8],
         headers: &HeaderMap,
         _path_model: Option<&str>,
-    ) -> Result<Parsed, WireResponse> {
+    ) -> Result<Parsed, Box<WireResponse>> {
         if !headers.contains_key("anthropic-version") {
-            return Err(invalid_request(id, "anthropic-version: header is required"));
+            return Err(Box::new(invalid_request(
+                id,
+                "anthropic-version: header is required",
+            )));
         }
         let v: Value = serde_json::from_slice(body).map_err(|_| {
             invalid_request(id, "There was an issue with the formatting or content of your request: the body is not valid JSON.")
@@ -109,10 +112,10 @@ impl Wire for Anthropic {
             .and_then(Value::as_array)
             .ok_or_else(|| invalid_request(id, "messages: Field required"))?;
         if messages.is_empty() {
-            return Err(invalid_request(
+            return Err(Box::new(invalid_request(
                 id,
                 "messages: at least one message is required",
-            ));
+            )));
         }
         let mut estimate = Estimate::default();
         if let Some(system) = v.get("system").filter(|s| !s.is_null()) {

@@ -87,7 +87,7 @@ impl Wire for Gemini {
         body: &[u8],
         _headers: &HeaderMap,
         path_model: Option<&str>,
-    ) -> Result<Parsed, WireResponse> {
+    ) -> Result<Parsed, Box<WireResponse>> {
         let v: Value = serde_json::from_slice(body)
             .map_err(|_| invalid_argument("Invalid JSON payload received. Unexpected token."))?;
         let contents = v

@@ -156,7 +156,7 @@ pub(crate) trait Wire {
         body: &[u8],
         headers: &HeaderMap,
         path_model: Option<&str>,
-    ) -> Result<Parsed, WireResponse>;
+    ) -> Result<Parsed, Box<WireResponse>>;
     fn success(id: u64, p: &Parsed, r: &Reply, snap: &Snapshot) -> WireResponse;
     fn rate_limited(id: u64, model: &str, rej: &Rejection, snap: &Snapshot) -> WireResponse;
     fn missing_key(id: u64) -> WireResponse;

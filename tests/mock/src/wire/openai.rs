@@ -97,7 +97,7 @@ impl Wire for OpenAi {
         body: &[u8],
         _headers: &HeaderMap,
         _path_model: Option<&str>,
-    ) -> Result<Parsed, WireResponse> {
+    ) -> Result<Parsed, Box<WireResponse>> {
         let v: Value = serde_json::from_slice(body).map_err(|_| {
             invalid_request(
                 id,
@@ -120,12 +120,12 @@ impl Wire for OpenAi {
             )
         })?;
         if messages.is_empty() {
-            return Err(invalid_request(
+            return Err(Box::new(invalid_request(
                 id,
                 "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
                 Some("messages"),
                 Some("empty_array"),
-            ));
+            )));
         }
         let mut estimate = Estimate::default();
         let mut last_user_text = String::new();
