@@ -5,13 +5,16 @@
 //! Loading, merging with the catalog and the file/field error messages are in
 //! this module too; the catalog data itself is in `catalog`.
 
+use crate::catalog;
+use crate::error::Error;
 use crate::job::{Strategy, Tier};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The whole daemon configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub redis: RedisConfig,
@@ -251,20 +254,6 @@ pub struct KeyConfig {
     pub max_concurrent: Option<u32>,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            redis: RedisConfig::default(),
-            queue: QueueConfig::default(),
-            routing: RoutingConfig::default(),
-            keys: KeysConfig::default(),
-            plugins: PluginsConfig::default(),
-            admin: AdminConfig::default(),
-            providers: BTreeMap::new(),
-        }
-    }
-}
-
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
@@ -368,4 +357,792 @@ pub mod humantime_serde_compat {
             super::deserialize(d).map(Some)
         }
     }
+}
+
+// ------------------------------------------------------------------ loading
+
+/// The config file read when `--config` is not given, if it exists.
+pub const DEFAULT_PATH: &str = "/etc/llmq/llmq.toml";
+
+/// Env overrides are `LLMQ__SECTION__FIELD` (e.g. `LLMQ__QUEUE__CONCURRENCY`).
+pub const ENV_PREFIX: &str = "LLMQ__";
+
+/// Loads the config: defaults ← catalog ← TOML file ← `LLMQ__…` env
+/// overrides, then validates it.
+///
+/// `path` is the `--config` file; without it, [`DEFAULT_PATH`] is read when it
+/// exists, and otherwise the defaults and the catalog alone are used.
+pub fn load(path: Option<&Path>) -> Result<Config, Error> {
+    let path = match path {
+        Some(p) => Some(p.to_path_buf()),
+        None => Some(PathBuf::from(DEFAULT_PATH)).filter(|p| p.exists()),
+    };
+    let file = match &path {
+        Some(p) => {
+            let name = p.display().to_string();
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                Error::config(&name, "(file)", format!("a readable TOML file: {e}"))
+            })?;
+            Some((text, name))
+        }
+        None => None,
+    };
+    let env: BTreeMap<String, String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.to_ascii_uppercase().starts_with(ENV_PREFIX))
+        .collect();
+    load_layers(file.as_ref().map(|(t, n)| (t.as_str(), n.as_str())), &env)
+}
+
+/// Loads a config from TOML text over the catalog, without env overrides.
+/// `name` is how errors name the source (a file name).
+pub fn load_from_str(toml: &str, name: &str) -> Result<Config, Error> {
+    load_layers(Some((toml, name)), &BTreeMap::new())
+}
+
+/// The layering behind [`load`], with the file as `(text, name)` and the
+/// environment given explicitly (only `LLMQ__…` variables are read from it).
+pub fn load_layers(
+    file: Option<(&str, &str)>,
+    env: &BTreeMap<String, String>,
+) -> Result<Config, Error> {
+    let catalog_table = catalog::table()?;
+    let mut merged = catalog_table.clone();
+    let mut user = None;
+    if let Some((text, name)) = file {
+        let table = parse_user_file(text, name)?;
+        merge_tables(&mut merged, table.clone(), &mut Vec::new(), name)?;
+        user = Some((table, name.to_string()));
+    }
+
+    let env: BTreeMap<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.to_ascii_uppercase().starts_with(ENV_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let env_source = config::Environment::with_prefix("LLMQ")
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .ignore_empty(true)
+        .list_separator(",")
+        .with_list_parse_key("queue.lanes")
+        .source(Some(env.clone().into_iter().collect()));
+    let built = config::Config::builder()
+        .add_source(TomlSource {
+            table: merged,
+            origin: "config".into(),
+        })
+        .add_source(env_source)
+        .build()
+        .map_err(|e| Error::config("environment", "(LLMQ__*)", e.to_string()))?;
+
+    let mut cfg: Config = serde_path_to_error::deserialize(built).map_err(|e| {
+        let path = segs_from_path(e.path());
+        let var = env_var_name(&path);
+        Error::config(
+            format!("environment variable {var}"),
+            render(&path),
+            strip_key_suffix(&e.inner().to_string()),
+        )
+    })?;
+
+    normalize(&mut cfg);
+    let origins = Origins {
+        catalog: catalog_table,
+        user,
+        env_vars: env
+            .keys()
+            .map(|k| {
+                (
+                    k[ENV_PREFIX.len()..]
+                        .to_ascii_lowercase()
+                        .replace("__", "."),
+                    k.clone(),
+                )
+            })
+            .collect(),
+    };
+    validate(&cfg).map_err(|(path, expected)| {
+        let (file, field) = origins.locate(&path);
+        Error::config(file, field, expected)
+    })?;
+    Ok(cfg)
+}
+
+/// Syntax, then shape (unknown fields, wrong types, bad durations) of the
+/// user's file on its own, so errors carry its name, the field path and line.
+fn parse_user_file(text: &str, name: &str) -> Result<toml::Table, Error> {
+    let table = text.parse::<toml::Table>().map_err(|e| {
+        Error::config(
+            name,
+            "(syntax)",
+            format!(
+                "valid TOML: {}{}",
+                e.message().trim(),
+                at_line(text, e.span())
+            ),
+        )
+    })?;
+    let de = toml::Deserializer::new(text);
+    if let Err(e) = serde_path_to_error::deserialize::<_, Config>(de) {
+        let mut path = segs_from_path(e.path());
+        let message = e.inner().message().trim().to_string();
+        if let Some(field) = unknown_field(&message) {
+            if path.last() != Some(&Seg::Key(field.clone())) {
+                path.push(Seg::Key(field));
+            }
+        }
+        return Err(Error::config(
+            name,
+            render(&path),
+            format!("{message}{}", at_line(text, e.inner().span())),
+        ));
+    }
+    Ok(table)
+}
+
+/// `" (line L, column C)"` for a byte span of `text`, or nothing.
+fn at_line(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return String::new();
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!(" (line {line}, column {column})")
+}
+
+/// The field name of serde's "unknown field `x`, expected …" message.
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split_once('`').map(|(f, _)| f.to_string())
+}
+
+/// config-rs appends " for key `…`" to some messages; we give the path ourselves.
+fn strip_key_suffix(message: &str) -> String {
+    match message.find(" for key `") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// Merges `over` into `base` field by field. `[[providers.X.models]]` lists
+/// merge by `id`; every other list, and every scalar, is replaced.
+fn merge_tables(
+    base: &mut toml::Table,
+    over: toml::Table,
+    path: &mut Vec<String>,
+    file: &str,
+) -> Result<(), Error> {
+    for (key, value) in over {
+        let is_models = key == "models" && path.len() == 2 && path[0] == "providers";
+        if is_models {
+            let provider = path[1].clone();
+            let entries = match value {
+                toml::Value::Array(a) => a,
+                // Shape was checked before merging; keep the value as given.
+                other => {
+                    base.insert(key, other);
+                    continue;
+                }
+            };
+            let slot = base
+                .entry(key)
+                .or_insert_with(|| toml::Value::Array(Vec::new()));
+            if !slot.is_array() {
+                *slot = toml::Value::Array(Vec::new());
+            }
+            if let toml::Value::Array(existing) = slot {
+                merge_models(existing, entries, &provider, file)?;
+            }
+            continue;
+        }
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => {
+                path.push(key.clone());
+                merge_tables(b, o, path, file)?;
+                path.pop();
+            }
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn merge_models(
+    base: &mut Vec<toml::Value>,
+    over: Vec<toml::Value>,
+    provider: &str,
+    file: &str,
+) -> Result<(), Error> {
+    for (i, entry) in over.into_iter().enumerate() {
+        let id = entry
+            .get("id")
+            .and_then(|v| v.as_str())
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string();
+        if id.is_empty() {
+            return Err(Error::config(
+                file,
+                format!("providers.{provider}.models[{i}].id"),
+                format!(
+                    "a model id: every [[providers.{provider}.models]] entry needs a non-empty `id` (the model name on the wire)"
+                ),
+            ));
+        }
+        let existing = base
+            .iter_mut()
+            .find(|m| m.get("id").and_then(|v| v.as_str()) == Some(id.as_str()));
+        match (existing, entry) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => {
+                let mut path = vec![
+                    "providers".to_string(),
+                    provider.to_string(),
+                    "models".to_string(),
+                ];
+                merge_tables(b, o, &mut path, file)?;
+            }
+            (_, entry) => base.push(entry),
+        }
+    }
+    Ok(())
+}
+
+/// The merged TOML as a config-rs source.
+#[derive(Debug, Clone)]
+struct TomlSource {
+    table: toml::Table,
+    origin: String,
+}
+
+impl config::Source for TomlSource {
+    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<config::Map<String, config::Value>, config::ConfigError> {
+        Ok(self
+            .table
+            .iter()
+            .map(|(k, v)| (k.clone(), to_config_value(v, &self.origin)))
+            .collect())
+    }
+}
+
+fn to_config_value(value: &toml::Value, origin: &String) -> config::Value {
+    use config::ValueKind;
+    let kind = match value {
+        toml::Value::String(s) => ValueKind::String(s.clone()),
+        toml::Value::Integer(i) => ValueKind::I64(*i),
+        toml::Value::Float(f) => ValueKind::Float(*f),
+        toml::Value::Boolean(b) => ValueKind::Boolean(*b),
+        toml::Value::Datetime(d) => ValueKind::String(d.to_string()),
+        toml::Value::Array(a) => {
+            ValueKind::Array(a.iter().map(|v| to_config_value(v, origin)).collect())
+        }
+        toml::Value::Table(t) => ValueKind::Table(
+            t.iter()
+                .map(|(k, v)| (k.clone(), to_config_value(v, origin)))
+                .collect(),
+        ),
+    };
+    config::Value::new(Some(origin), kind)
+}
+
+/// Fills derived defaults: a provider's `keys_env` from its name, base URLs
+/// without a trailing slash, and `0` limits meaning "no limit".
+fn normalize(cfg: &mut Config) {
+    for (name, p) in cfg.providers.iter_mut() {
+        p.base_url = p.base_url.trim().trim_end_matches('/').to_string();
+        if p.keys_env.is_none() && !p.keyless {
+            p.keys_env = Some(default_keys_env(name));
+        }
+        p.limits = zero_is_unlimited(p.limits);
+        for k in &mut p.keys {
+            k.limits = zero_is_unlimited(k.limits);
+        }
+    }
+}
+
+/// The env prefix of a provider without `keys_env`: `my-llm` → `MY_LLM`.
+pub fn default_keys_env(provider: &str) -> String {
+    provider
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn zero_is_unlimited(l: Limits) -> Limits {
+    let nz = |v: Option<u64>| v.filter(|n| *n > 0);
+    Limits {
+        rpm: nz(l.rpm),
+        tpm: nz(l.tpm),
+        rpd: nz(l.rpd),
+        tpd: nz(l.tpd),
+    }
+}
+
+/// One step of a field path. Models are addressed by position *and* id, so
+/// an error can be located in whichever layer defined that model.
+#[derive(Debug, Clone, PartialEq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+    Model(usize, String),
+}
+
+fn key(k: &str) -> Seg {
+    Seg::Key(k.to_string())
+}
+
+fn render(path: &[Seg]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            Seg::Index(i) | Seg::Model(i, _) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    if out.is_empty() {
+        out.push('.');
+    }
+    out
+}
+
+fn segs_from_path(path: &serde_path_to_error::Path) -> Vec<Seg> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|s| match s {
+            Segment::Seq { index } => Some(Seg::Index(*index)),
+            Segment::Map { key } => Some(Seg::Key(key.clone())),
+            Segment::Enum { variant } => Some(Seg::Key(variant.clone())),
+            Segment::Unknown => None,
+        })
+        .collect()
+}
+
+fn env_var_name(path: &[Seg]) -> String {
+    let mut name = String::from("LLMQ");
+    for seg in path {
+        if let Seg::Key(k) = seg {
+            name.push_str("__");
+            name.push_str(&k.to_ascii_uppercase());
+        }
+    }
+    name
+}
+
+/// Where each layer came from, to name the file of a semantic error.
+struct Origins {
+    catalog: toml::Table,
+    user: Option<(toml::Table, String)>,
+    /// Dotted lower-case path → the variable that set it.
+    env_vars: BTreeMap<String, String>,
+}
+
+impl Origins {
+    /// The layer that defined the deepest part of `path` (the highest layer
+    /// on a tie), and the path as written in that layer.
+    fn locate(&self, path: &[Seg]) -> (String, String) {
+        let dotted: Vec<String> = path
+            .iter()
+            .filter_map(|s| match s {
+                Seg::Key(k) => Some(k.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect();
+        for n in (1..=dotted.len()).rev() {
+            if let Some(var) = self.env_vars.get(&dotted[..n].join(".")) {
+                return (format!("environment variable {var}"), render(path));
+            }
+        }
+        let user = self
+            .user
+            .as_ref()
+            .map(|(t, name)| (depth_in(t, path), t, name.clone()));
+        let catalog = (
+            depth_in(&self.catalog, path),
+            &self.catalog,
+            crate::catalog::CATALOG_NAME.to_string(),
+        );
+        let (depth, table, name) = match user {
+            Some(u) if u.0 >= catalog.0 => u,
+            _ => catalog,
+        };
+        if depth == 0 {
+            return ("defaults".to_string(), render(path));
+        }
+        (name, render(&renumber(table, path)))
+    }
+}
+
+/// How many leading steps of `path` exist in `table`.
+fn depth_in(table: &toml::Table, path: &[Seg]) -> usize {
+    let mut here = toml::Value::Table(table.clone());
+    let mut depth = 0;
+    for seg in path {
+        let next = match (seg, &here) {
+            (Seg::Key(k), toml::Value::Table(t)) => t.get(k).cloned(),
+            (Seg::Index(i), toml::Value::Array(a)) => a.get(*i).cloned(),
+            (Seg::Model(_, id), toml::Value::Array(a)) => a
+                .iter()
+                .find(|m| m.get("id").and_then(|v| v.as_str()) == Some(id.as_str()))
+                .cloned(),
+            _ => None,
+        };
+        match next {
+            Some(v) => {
+                here = v;
+                depth += 1;
+            }
+            None => break,
+        }
+    }
+    depth
+}
+
+/// `path` with model positions as numbered in `table`.
+fn renumber(table: &toml::Table, path: &[Seg]) -> Vec<Seg> {
+    let mut here = toml::Value::Table(table.clone());
+    let mut out = Vec::with_capacity(path.len());
+    for seg in path {
+        let (seg, next) = match (seg, &here) {
+            (Seg::Key(k), toml::Value::Table(t)) => (seg.clone(), t.get(k).cloned()),
+            (Seg::Model(i, id), toml::Value::Array(a)) => {
+                match a
+                    .iter()
+                    .position(|m| m.get("id").and_then(|v| v.as_str()) == Some(id.as_str()))
+                {
+                    Some(pos) => (Seg::Model(pos, id.clone()), a.get(pos).cloned()),
+                    None => (Seg::Model(*i, id.clone()), None),
+                }
+            }
+            (Seg::Index(i), toml::Value::Array(a)) => (seg.clone(), a.get(*i).cloned()),
+            _ => (seg.clone(), None),
+        };
+        out.push(seg);
+        match next {
+            Some(v) => here = v,
+            None => {
+                let rest = path.len() - out.len();
+                out.extend(path[path.len() - rest..].iter().cloned());
+                break;
+            }
+        }
+    }
+    out
+}
+
+type Problem = (Vec<Seg>, String);
+
+fn problem(path: Vec<Seg>, expected: impl Into<String>) -> Problem {
+    (path, expected.into())
+}
+
+/// Semantic checks of the merged config; the first problem found.
+fn validate(cfg: &Config) -> Result<(), Problem> {
+    let url = &cfg.redis.url;
+    if !["redis://", "rediss://", "redis+unix://", "unix://"]
+        .iter()
+        .any(|p| url.starts_with(p))
+    {
+        return Err(problem(
+            vec![key("redis"), key("url")],
+            format!("a Redis URL (redis://host:port[/db], rediss://…, unix:///path); got {url:?}"),
+        ));
+    }
+
+    let q = &cfg.queue;
+    let qp = |f: &str| vec![key("queue"), key(f)];
+    if q.lanes.is_empty() {
+        return Err(problem(
+            qp("lanes"),
+            "at least one lane, e.g. [\"high\", \"normal\", \"low\"]",
+        ));
+    }
+    for (i, lane) in q.lanes.iter().enumerate() {
+        let ok = !lane.is_empty()
+            && lane
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok || q.lanes[..i].contains(lane) {
+            return Err(problem(
+                vec![key("queue"), key("lanes"), Seg::Index(i)],
+                format!("a unique lane name of letters, digits, - or _; got {lane:?}"),
+            ));
+        }
+    }
+    if q.concurrency == 0 {
+        return Err(problem(
+            qp("concurrency"),
+            "a number of concurrent jobs ≥ 1; got 0",
+        ));
+    }
+    if q.max_attempts == 0 {
+        return Err(problem(
+            qp("max_attempts"),
+            "a number of attempts ≥ 1; got 0",
+        ));
+    }
+    if q.visibility_timeout < Duration::from_secs(1) {
+        return Err(problem(
+            qp("visibility_timeout"),
+            "a duration of at least 1s",
+        ));
+    }
+    if q.result_ttl < Duration::from_secs(1) {
+        return Err(problem(
+            qp("result_ttl"),
+            "a duration of at least 1s (Redis EX is in seconds)",
+        ));
+    }
+    if q.max_job_bytes == 0 {
+        return Err(problem(qp("max_job_bytes"), "a size in bytes ≥ 1; got 0"));
+    }
+    if q.results_maxlen == 0 {
+        return Err(problem(qp("results_maxlen"), "a stream length ≥ 1; got 0"));
+    }
+    let r = &q.retry;
+    if !r.factor.is_finite() || r.factor < 1.0 {
+        return Err(problem(
+            vec![key("queue"), key("retry"), key("factor")],
+            format!("a backoff factor ≥ 1.0; got {}", r.factor),
+        ));
+    }
+    if r.max_delay < r.initial_delay {
+        return Err(problem(
+            vec![key("queue"), key("retry"), key("max_delay")],
+            "a duration ≥ retry.initial_delay",
+        ));
+    }
+    if cfg.routing.default_deadline.is_zero() {
+        return Err(problem(
+            vec![key("routing"), key("default_deadline")],
+            "a duration > 0",
+        ));
+    }
+    if cfg.plugins.dir.trim().is_empty() {
+        return Err(problem(
+            vec![key("plugins"), key("dir")],
+            "a directory path",
+        ));
+    }
+    let listen = cfg.admin.listen.trim();
+    if !listen.is_empty() {
+        let port_ok = listen
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(problem(
+                vec![key("admin"), key("listen")],
+                format!("host:port (e.g. \"127.0.0.1:9090\"), or \"\" to disable; got {listen:?}"),
+            ));
+        }
+        if cfg.admin.token_env.trim().is_empty() {
+            return Err(problem(
+                vec![key("admin"), key("token_env")],
+                "the name of the env var holding the admin bearer token",
+            ));
+        }
+    }
+    if let Some(f) = &cfg.keys.env_file {
+        if f.trim().is_empty() {
+            return Err(problem(
+                vec![key("keys"), key("env_file")],
+                "a file path (or omit it)",
+            ));
+        }
+    }
+    for (name, p) in &cfg.providers {
+        validate_provider(name, p)?;
+    }
+    Ok(())
+}
+
+fn valid_env_prefix(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+}
+
+fn validate_provider(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
+    let at = |rest: &[Seg]| {
+        let mut v = vec![key("providers"), key(name)];
+        v.extend_from_slice(rest);
+        v
+    };
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(problem(
+            at(&[]),
+            format!("a provider name of letters, digits, - _ or . (it appears in key ids and `provider/model`); got {name:?}"),
+        ));
+    }
+    if p.plugin.trim().is_empty() {
+        return Err(problem(
+            at(&[key("plugin")]),
+            "a plugin name (openai, anthropic, gemini, …)",
+        ));
+    }
+    if p.base_url.is_empty() {
+        return Err(problem(
+            at(&[key("base_url")]),
+            "a non-empty http(s) base URL, e.g. \"https://api.example.com/v1\"",
+        ));
+    }
+    if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://"))
+        || p.base_url.contains(char::is_whitespace)
+    {
+        return Err(problem(
+            at(&[key("base_url")]),
+            format!("an http(s) URL without spaces; got {:?}", p.base_url),
+        ));
+    }
+    if let Some(e) = &p.keys_env {
+        if !valid_env_prefix(e) {
+            return Err(problem(
+                at(&[key("keys_env")]),
+                format!("an env prefix of A-Z, 0-9 and _ (e.g. \"GROQ\"); got {e:?}"),
+            ));
+        }
+    }
+    for (i, a) in p.env_aliases.iter().enumerate() {
+        if !valid_env_prefix(a) {
+            return Err(problem(
+                at(&[key("env_aliases"), Seg::Index(i)]),
+                format!("an env prefix of A-Z, 0-9 and _ (e.g. \"CLAUDE\"); got {a:?}"),
+            ));
+        }
+    }
+    if p.max_concurrent == Some(0) {
+        return Err(problem(
+            at(&[key("max_concurrent")]),
+            "a number of concurrent requests ≥ 1 (omit it for no cap); got 0",
+        ));
+    }
+    if p.window.is_some_and(|w| w.is_zero()) {
+        return Err(problem(
+            at(&[key("window")]),
+            "a rate window > 0, e.g. \"60s\"",
+        ));
+    }
+    if let Some(b) = p.budget_usd_per_day {
+        if !b.is_finite() || b < 0.0 {
+            return Err(problem(
+                at(&[key("budget_usd_per_day")]),
+                format!("a daily budget in USD ≥ 0; got {b}"),
+            ));
+        }
+    }
+    if p.enabled && p.models.is_empty() {
+        return Err(problem(
+            at(&[key("models")]),
+            format!("at least one [[providers.{name}.models]] entry (a provider without models can serve no job)"),
+        ));
+    }
+    let mut names: BTreeMap<&str, &str> = BTreeMap::new();
+    for (i, m) in p.models.iter().enumerate() {
+        let mp = |rest: &[Seg]| {
+            let mut v = at(&[key("models"), Seg::Model(i, m.id.clone())]);
+            v.extend_from_slice(rest);
+            v
+        };
+        if m.id.trim().is_empty() || m.id.contains(char::is_whitespace) {
+            return Err(problem(
+                mp(&[key("id")]),
+                "a model id without spaces (the model name on the wire)",
+            ));
+        }
+        for (field, v) in [("input", m.price.input), ("output", m.price.output)] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(problem(
+                    mp(&[key("price"), key(field)]),
+                    format!("a price in USD per million tokens ≥ 0; got {v}"),
+                ));
+            }
+        }
+        if m.context == Some(0) {
+            return Err(problem(
+                mp(&[key("context")]),
+                "a context window in tokens ≥ 1; got 0",
+            ));
+        }
+        for (j, alias) in std::iter::once(&m.id).chain(&m.aliases).enumerate() {
+            if alias.trim().is_empty() {
+                return Err(problem(
+                    mp(&[key("aliases"), Seg::Index(j.saturating_sub(1))]),
+                    "a non-empty alias",
+                ));
+            }
+            if let Some(other) = names.insert(alias.as_str(), m.id.as_str()) {
+                if other != m.id {
+                    let field = if j == 0 {
+                        mp(&[key("id")])
+                    } else {
+                        mp(&[key("aliases"), Seg::Index(j - 1)])
+                    };
+                    return Err(problem(
+                        field,
+                        format!("a name unique within provider {name}; {alias:?} already names model {other:?}"),
+                    ));
+                }
+            }
+        }
+    }
+    for (i, k) in p.keys.iter().enumerate() {
+        let kp = |rest: &[Seg]| {
+            let mut v = at(&[key("keys"), Seg::Index(i)]);
+            v.extend_from_slice(rest);
+            v
+        };
+        match (&k.key, &k.key_env) {
+            (None, None) => {
+                return Err(problem(
+                    kp(&[]),
+                    "`key` (the secret) or `key_env` (the env var holding it)",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(problem(
+                    kp(&[key("key_env")]),
+                    "either `key` or `key_env`, not both",
+                ))
+            }
+            (Some(s), None) if s.trim().is_empty() => {
+                return Err(problem(kp(&[key("key")]), "a non-empty secret"))
+            }
+            (None, Some(e)) if e.trim().is_empty() => {
+                return Err(problem(kp(&[key("key_env")]), "the name of an env var"))
+            }
+            _ => {}
+        }
+        if k.weight == Some(0) {
+            return Err(problem(kp(&[key("weight")]), "a weight ≥ 1; got 0"));
+        }
+        if k.max_concurrent == Some(0) {
+            return Err(problem(
+                kp(&[key("max_concurrent")]),
+                "a number of concurrent requests ≥ 1; got 0",
+            ));
+        }
+    }
+    Ok(())
 }
