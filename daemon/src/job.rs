@@ -151,8 +151,15 @@ pub fn parse_job(body: &[u8], max_bytes: usize) -> Result<Job, (JobError, Option
         .and_then(|v| v.as_str())
         .filter(|s| valid_id(s))
         .map(str::to_string);
-    let mut job: Job =
-        serde_json::from_value(value).map_err(|e| (JobError::Shape(e.to_string()), id.clone()))?;
+    let mut job: Job = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = if path.is_empty() || path == "." {
+            e.inner().to_string()
+        } else {
+            format!("`{path}`: {}", e.inner())
+        };
+        (JobError::Shape(msg), id.clone())
+    })?;
     if let Err(e) = job.validate() {
         return Err((e, id));
     }
