@@ -5,6 +5,7 @@
 //! provider plugin and writes the result back. See ARCHITECTURE.md for the
 //! bird's-eye view and the invariants.
 
+pub mod admin;
 pub mod budget;
 pub mod catalog;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod job;
 pub mod keys;
 pub mod keystore;
 pub mod limits;
+pub mod metrics;
 pub mod plugin_host;
 pub mod pool;
 pub mod queue;

@@ -1,0 +1,274 @@
+//! Route table and handlers of the admin API. Handlers validate input, call
+//! the [`AdminBackend`] and turn its answers into JSON; they hold no state.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{from_fn_with_state, map_response};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+
+use super::auth::{require_token, Auth};
+use super::{AdminBackend, AdminError};
+
+/// The dashboard: one self-contained page, no build step, no CDN.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// How long `/readyz` and the `/metrics` gauge refresh wait on the backend.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reason recorded when `POST /v1/keys/{id}/disable` has no body.
+const DEFAULT_DISABLE_REASON: &str = "disabled by operator";
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) backend: Arc<dyn AdminBackend>,
+    pub(crate) metrics: Option<PrometheusHandle>,
+}
+
+pub(crate) fn build(state: AppState, auth: Auth) -> Router {
+    let protected = Router::new()
+        .route("/v1/keys", get(keys))
+        .route("/v1/keys/{id}/reset", post(reset_key))
+        .route("/v1/keys/{id}/disable", post(disable_key))
+        .route("/v1/usage", get(usage))
+        .route("/v1/routes", get(routes_get).post(routes_post))
+        .route("/v1/queue", get(queue))
+        .route("/v1/run", post(run))
+        .route("/v1/cluster", get(cluster))
+        .route("/metrics", get(metrics))
+        .route_layer(from_fn_with_state(auth, require_token));
+    let open = Router::new()
+        .route("/", get(dashboard))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz));
+    protected
+        .merge(open)
+        .fallback(not_found)
+        .layer(map_response(no_store))
+        .with_state(state)
+}
+
+/// Admin answers are live data: never cached, never sniffed.
+async fn no_store(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    resp
+}
+
+async fn not_found() -> AdminError {
+    AdminError::NotFound("no such admin route".into())
+}
+
+async fn keys(State(s): State<AppState>) -> Result<Response, AdminError> {
+    Ok(Json(s.backend.keys().await?).into_response())
+}
+
+async fn reset_key(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, AdminError> {
+    let view = s.backend.reset_key(&id).await?;
+    tracing::info!(key = %id, "key reset by operator");
+    Ok(Json(view).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisableBody {
+    reason: Option<String>,
+}
+
+async fn disable_key(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, AdminError> {
+    let reason = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        parse_json::<DisableBody>(&body)?.reason
+    };
+    let reason = reason
+        .map(|r| r.trim().to_owned())
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| DEFAULT_DISABLE_REASON.to_owned());
+    let view = s.backend.disable_key(&id, &reason).await?;
+    tracing::info!(key = %id, %reason, "key disabled by operator");
+    Ok(Json(view).into_response())
+}
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    since: Option<String>,
+}
+
+async fn usage(
+    State(s): State<AppState>,
+    Query(q): Query<UsageQuery>,
+) -> Result<Response, AdminError> {
+    let since = q.since.filter(|d| !d.is_empty());
+    if let Some(day) = &since {
+        check_day(day)?;
+    }
+    Ok(Json(s.backend.usage(since.as_deref()).await?).into_response())
+}
+
+/// Accepts only a real calendar day written `YYYY-MM-DD`.
+fn check_day(day: &str) -> Result<(), AdminError> {
+    let bad = || {
+        AdminError::BadRequest(format!(
+            "since must be a day written YYYY-MM-DD, got {day:?}"
+        ))
+    };
+    let b = day.as_bytes();
+    let shape_ok = b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    if !shape_ok {
+        return Err(bad());
+    }
+    let year: i32 = day[0..4].parse().map_err(|_| bad())?;
+    let month: u8 = day[5..7].parse().map_err(|_| bad())?;
+    let dom: u8 = day[8..10].parse().map_err(|_| bad())?;
+    let month = time::Month::try_from(month).map_err(|_| bad())?;
+    time::Date::from_calendar_date(year, month, dom).map_err(|_| bad())?;
+    Ok(())
+}
+
+async fn routes_get(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, AdminError> {
+    let job = match q.get("job").map(|j| j.trim()).filter(|j| !j.is_empty()) {
+        Some(j) => Some(parse_json::<serde_json::Value>(j.as_bytes())?),
+        None => None,
+    };
+    Ok(Json(s.backend.routes(job).await?).into_response())
+}
+
+async fn routes_post(State(s): State<AppState>, body: Bytes) -> Result<Response, AdminError> {
+    let job = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        Some(parse_json::<serde_json::Value>(&body)?)
+    };
+    Ok(Json(s.backend.routes(job).await?).into_response())
+}
+
+async fn queue(State(s): State<AppState>) -> Result<Response, AdminError> {
+    Ok(Json(s.backend.queue().await?).into_response())
+}
+
+async fn run(State(s): State<AppState>, body: Bytes) -> Result<Response, AdminError> {
+    let job: serde_json::Value = parse_json(&body)?;
+    if !job.is_object() {
+        return Err(AdminError::BadRequest(
+            "the job must be a JSON object".into(),
+        ));
+    }
+    Ok(Json(s.backend.run(job).await?).into_response())
+}
+
+async fn cluster(State(s): State<AppState>) -> Result<Response, AdminError> {
+    Ok(Json(s.backend.cluster().await?).into_response())
+}
+
+/// Refreshes the key and queue gauges from the backend, then renders every
+/// metric in the Prometheus text format.
+async fn metrics(State(s): State<AppState>) -> Result<Response, AdminError> {
+    let Some(handle) = &s.metrics else {
+        return Err(AdminError::Unavailable(
+            "the metrics recorder is not installed".into(),
+        ));
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, s.backend.keys()).await {
+        Ok(Ok(keys)) => crate::metrics::set_key_states(&keys),
+        Ok(Err(e)) => tracing::debug!(error = %e, "metrics: key gauges not refreshed"),
+        Err(_) => tracing::debug!("metrics: key gauges not refreshed (timeout)"),
+    }
+    match tokio::time::timeout(PROBE_TIMEOUT, s.backend.queue()).await {
+        Ok(Ok(q)) => crate::metrics::set_queue_depth(&q),
+        Ok(Err(e)) => tracing::debug!(error = %e, "metrics: queue gauges not refreshed"),
+        Err(_) => tracing::debug!("metrics: queue gauges not refreshed (timeout)"),
+    }
+    handle.run_upkeep();
+    let mut resp = handle.render().into_response();
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    Ok(resp)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// 200 when Redis answers and at least one plugin is loaded, else 503 with
+/// the reason.
+async fn readyz(State(s): State<AppState>) -> Response {
+    let (status, body) = match tokio::time::timeout(PROBE_TIMEOUT, s.backend.ready()).await {
+        Ok(r) => match r.reason() {
+            None => (
+                StatusCode::OK,
+                serde_json::json!({"ready": true, "redis": r.redis, "plugins": r.plugins}),
+            ),
+            Some(reason) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"ready": false, "redis": r.redis, "plugins": r.plugins, "error": reason}),
+            ),
+        },
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"ready": false, "error": "readiness check timed out"}),
+        ),
+    };
+    (status, Json(body)).into_response()
+}
+
+/// The page itself holds no data, so it is served without auth; see the
+/// module docs.
+async fn dashboard() -> Response {
+    let mut resp = Html(DASHBOARD).into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+    );
+    resp
+}
+
+/// Parses a JSON body; the error says where it broke, not what was sent.
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
+    serde_json::from_slice(bytes).map_err(|e| AdminError::BadRequest(format!("invalid JSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_day;
+
+    #[test]
+    fn days_are_validated() {
+        assert!(check_day("2024-02-29").is_ok());
+        assert!(check_day("2023-02-29").is_err());
+        assert!(check_day("2024-13-01").is_err());
+        assert!(check_day("2024-1-01").is_err());
+        assert!(check_day("yesterday").is_err());
+        assert!(check_day("2024-01-0x").is_err());
+    }
+}
