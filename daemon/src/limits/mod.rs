@@ -229,6 +229,11 @@ impl Ticket {
     pub fn tokens(&self) -> u64 {
         self.tokens
     }
+
+    /// The UTC day (days since the epoch) it was charged to.
+    pub fn day(&self) -> u64 {
+        self.day
+    }
 }
 
 /// A limiter's current load, for `llmq keys` and the dashboard's usage bars.

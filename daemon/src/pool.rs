@@ -1,1 +1,0 @@
-//! pool (in progress)

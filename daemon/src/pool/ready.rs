@@ -1,0 +1,237 @@
+//! The ready set of one key group: the keys that may serve now, kept in one
+//! order per strategy so that selection never scans every key.
+//!
+//! - least recently used: a B-tree on `(last use, key)`;
+//! - least loaded: a B-tree on `(in flight, last use, key)`;
+//! - random and weighted: Fenwick trees of counts and weights over the
+//!   group's member positions, sampled in O(log n).
+
+use std::collections::BTreeSet;
+use std::ops::Bound;
+
+/// What the ready set orders a key by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Slot {
+    pub idx: u32,
+    /// Position in the group's member list (the Fenwick index).
+    pub gpos: u32,
+    pub seq: u64,
+    pub in_flight: u32,
+    pub weight: u32,
+}
+
+pub(super) type LruKey = (u64, u32);
+pub(super) type LoadKey = (u32, u64, u32);
+
+impl Slot {
+    pub fn lru(&self) -> LruKey {
+        (self.seq, self.idx)
+    }
+
+    pub fn load(&self) -> LoadKey {
+        (self.in_flight, self.seq, self.idx)
+    }
+}
+
+/// A Fenwick (binary indexed) tree of non-negative sums that can grow.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Fenwick {
+    /// 1-based: `tree[i - 1]` covers `(i - lowbit(i), i]`.
+    tree: Vec<u64>,
+    total: u64,
+}
+
+fn lowbit(i: usize) -> usize {
+    i & i.wrapping_neg()
+}
+
+impl Fenwick {
+    /// Sum of the first `n` positions.
+    fn prefix(&self, mut n: usize) -> u64 {
+        let mut s = 0;
+        while n > 0 {
+            s += self.tree[n - 1];
+            n -= lowbit(n);
+        }
+        s
+    }
+
+    /// Grows to at least `len` positions (new positions hold 0).
+    pub fn grow(&mut self, len: usize) {
+        while self.tree.len() < len {
+            let i = self.tree.len() + 1;
+            let v = self.prefix(i - 1) - self.prefix(i - lowbit(i));
+            self.tree.push(v);
+        }
+    }
+
+    pub fn add(&mut self, pos: usize, delta: i64) {
+        self.grow(pos + 1);
+        self.total = self.total.wrapping_add_signed(delta);
+        let mut i = pos + 1;
+        while i <= self.tree.len() {
+            self.tree[i - 1] = self.tree[i - 1].wrapping_add_signed(delta);
+            i += lowbit(i);
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The position where the running sum first exceeds `r` (`r < total`).
+    pub fn find(&self, mut r: u64) -> Option<usize> {
+        if r >= self.total {
+            return None;
+        }
+        let n = self.tree.len();
+        let mut pos = 0;
+        let mut step = if n == 0 {
+            0
+        } else {
+            1 << (usize::BITS - 1 - n.leading_zeros())
+        };
+        while step > 0 {
+            let next = pos + step;
+            if next <= n && self.tree[next - 1] <= r {
+                pos = next;
+                r -= self.tree[next - 1];
+            }
+            step >>= 1;
+        }
+        Some(pos)
+    }
+}
+
+#[derive(Debug, Default)]
+pub(super) struct ReadySet {
+    lru: BTreeSet<LruKey>,
+    load: BTreeSet<LoadKey>,
+    counts: Fenwick,
+    weights: Fenwick,
+}
+
+impl ReadySet {
+    pub fn insert(&mut self, s: Slot) {
+        if self.lru.insert(s.lru()) {
+            self.load.insert(s.load());
+            self.counts.add(s.gpos as usize, 1);
+            self.weights.add(s.gpos as usize, s.weight as i64);
+        }
+    }
+
+    pub fn remove(&mut self, s: Slot) {
+        if self.lru.remove(&s.lru()) {
+            self.load.remove(&s.load());
+            self.counts.add(s.gpos as usize, -1);
+            self.weights.add(s.gpos as usize, -(s.weight as i64));
+        }
+    }
+
+    /// Re-keys a member whose last use or load changed (same position and weight).
+    pub fn rekey(&mut self, old: Slot, new: Slot) {
+        if self.lru.remove(&old.lru()) {
+            self.lru.insert(new.lru());
+            self.load.remove(&old.load());
+            self.load.insert(new.load());
+        }
+    }
+
+    #[cfg(test)]
+    pub fn lru_contains(&self, k: LruKey) -> bool {
+        self.lru.contains(&k)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.counts.total()
+    }
+
+    pub fn total_weight(&self) -> u64 {
+        self.weights.total()
+    }
+
+    /// The least recently used member after `after`.
+    pub fn lru_after(&self, after: Option<LruKey>) -> Option<LruKey> {
+        match after {
+            None => self.lru.first().copied(),
+            Some(k) => self
+                .lru
+                .range((Bound::Excluded(k), Bound::Unbounded))
+                .next()
+                .copied(),
+        }
+    }
+
+    /// The least loaded member after `after`.
+    pub fn load_after(&self, after: Option<LoadKey>) -> Option<LoadKey> {
+        match after {
+            None => self.load.first().copied(),
+            Some(k) => self
+                .load
+                .range((Bound::Excluded(k), Bound::Unbounded))
+                .next()
+                .copied(),
+        }
+    }
+
+    /// A member position, uniformly (`r < len`).
+    pub fn pick_uniform(&self, r: u64) -> Option<usize> {
+        self.counts.find(r)
+    }
+
+    /// A member position, by weight (`r < total_weight`).
+    pub fn pick_weighted(&self, r: u64) -> Option<usize> {
+        self.weights.find(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fenwick_grows_and_finds_by_running_sum() {
+        let mut f = Fenwick::default();
+        f.add(0, 2);
+        f.add(4, 3);
+        f.grow(9);
+        f.add(7, 1);
+        assert_eq!(f.total(), 6);
+        let picks: Vec<_> = (0..6).map(|r| f.find(r).unwrap()).collect();
+        assert_eq!(picks, vec![0, 0, 4, 4, 4, 7]);
+        assert_eq!(f.find(6), None);
+        f.add(4, -3);
+        assert_eq!((f.find(2), f.total()), (Some(7), 3));
+    }
+
+    #[test]
+    fn ready_set_orders_by_last_use_and_load() {
+        let mut r = ReadySet::default();
+        let a = Slot {
+            idx: 0,
+            gpos: 0,
+            seq: 5,
+            in_flight: 0,
+            weight: 1,
+        };
+        let b = Slot {
+            idx: 1,
+            gpos: 1,
+            seq: 2,
+            in_flight: 3,
+            weight: 4,
+        };
+        r.insert(a);
+        r.insert(b);
+        assert_eq!(r.lru_after(None), Some((2, 1)));
+        assert_eq!(r.lru_after(Some((2, 1))), Some((5, 0)));
+        assert_eq!(r.load_after(None), Some((0, 5, 0)));
+        assert_eq!((r.len(), r.total_weight()), (2, 5));
+        let b2 = Slot { seq: 9, ..b };
+        r.rekey(b, b2);
+        assert_eq!(r.lru_after(None), Some((5, 0)));
+        r.remove(b2);
+        assert_eq!((r.len(), r.total_weight()), (1, 1));
+        assert_eq!(r.pick_weighted(0), Some(0));
+    }
+}
