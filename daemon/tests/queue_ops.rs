@@ -98,6 +98,11 @@ async fn graceful_shutdown_finishes_running_jobs_and_leaves_the_rest() {
 
     let started: HashSet<String> = slow.calls().into_iter().map(|c| c.id).collect();
     assert_eq!(started.len(), 4, "no job started after the stop");
+    assert_eq!(
+        slow.count(),
+        4,
+        "leases kept running jobs from being reclaimed"
+    );
     for i in 0..20 {
         let id = format!("g{i}");
         let r = result(&mut c, &id).await;

@@ -224,3 +224,104 @@ async fn crashed_deliveries_are_reclaimed_and_count_as_attempts() {
     assert_eq!(xlen(&mut c, lane).await, 0);
     q.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_executor_counts_as_an_attempt_and_the_job_is_retried() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut c = conn(&url).await;
+    xadd(&mut c, "normal", &job_json("p1", "boom")).await;
+    let rec = Recorder::new(|job, _, nth| {
+        let r = ok_result(job);
+        async move {
+            if nth == 0 {
+                panic!("executor bug");
+            }
+            Disposition::Done(r)
+        }
+        .boxed()
+    });
+    let q = start(&config(&url), rec.handler()).await;
+    let r = wait_result(&url, "p1", Duration::from_secs(10)).await;
+    assert_eq!(r.status, Status::Succeeded);
+    let outcomes: Vec<&str> = r.attempts.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(outcomes, vec!["crashed", "success"]);
+    assert_eq!(rec.count_for("p1"), 2);
+    q.stop().await.unwrap();
+}
+
+const CHILD_URL: &str = "LLMQ_QUEUE_TEST_CHILD_URL";
+
+/// The daemon side of the real-crash test: runs a queue with the test hooks
+/// on until a job aborts the process. Does nothing unless started by
+/// `a_daemon_that_aborts_mid_job_...`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of a_daemon_that_aborts_mid_job_is_recovered_by_another"]
+async fn crash_child_process() {
+    let Ok(url) = std::env::var(CHILD_URL) else {
+        return;
+    };
+    let q = start(&config(&url), Recorder::echo().handler()).await;
+    // The hook aborts the process when the job starts; never resolves otherwise.
+    wait_results(&url, 1, Duration::from_secs(20)).await;
+    q.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_aborts_mid_job_is_recovered_by_another() {
+    if std::env::var("LLMQ_TEST_HOOKS").as_deref() == Ok("1") {
+        eprintln!("skipped: LLMQ_TEST_HOOKS=1 would abort this test process too");
+        return;
+    }
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut c = conn(&url).await;
+    let body = serde_json::json!({
+        "id": "boom",
+        "messages": [{"role": "user", "content": "crash me"}],
+        "metadata": {"llmq_test": "crash"},
+    })
+    .to_string();
+    xadd(&mut c, "normal", &body).await;
+
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["crash_child_process", "--exact", "--ignored", "--nocapture"])
+        .env("LLMQ_TEST_HOOKS", "1")
+        .env(CHILD_URL, &url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    wait_until_async(Duration::from_secs(30), "the child daemon aborts", || {
+        status = child.try_wait().unwrap();
+        let done = status.is_some();
+        async move { done }
+    })
+    .await;
+    let status = status.unwrap();
+    assert!(!status.success(), "{status:?}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(6), "aborted (SIGABRT): {status:?}");
+    }
+    assert_eq!(
+        pending(&mut c, "normal").await,
+        1,
+        "the entry stays pending"
+    );
+    assert!(result(&mut c, "boom").await.is_none());
+
+    // This process runs without the hooks: it reclaims and runs the job.
+    let mut cfg = config(&url);
+    cfg.queue.visibility_timeout = Duration::from_millis(300);
+    let rec = Recorder::echo();
+    let q = start(&cfg, rec.handler()).await;
+    let r = wait_result(&url, "boom", Duration::from_secs(10)).await;
+    assert_eq!(r.status, Status::Succeeded);
+    let outcomes: Vec<&str> = r.attempts.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(outcomes, vec!["crashed", "success"]);
+    assert_eq!(rec.calls()[0].ctx.attempt, 2);
+    q.stop().await.unwrap();
+}
