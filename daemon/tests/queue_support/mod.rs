@@ -225,6 +225,7 @@ pub struct Call {
 #[derive(Clone)]
 pub struct Recorder {
     pub calls: Arc<Mutex<Vec<Call>>>,
+    per_id: Arc<Mutex<HashMap<String, usize>>>,
     answer: Arc<Answer>,
 }
 
@@ -238,6 +239,7 @@ impl Recorder {
     ) -> Recorder {
         Recorder {
             calls: Arc::new(Mutex::new(Vec::new())),
+            per_id: Arc::new(Mutex::new(HashMap::new())),
             answer: Arc::new(answer),
         }
     }
@@ -295,16 +297,20 @@ impl Recorder {
 impl JobHandler for Recorder {
     fn run(&self, job: Job, ctx: JobContext) -> BoxFuture<'static, Disposition> {
         let nth = {
+            let mut per_id = self.per_id.lock().unwrap();
+            let n = per_id.entry(job.id.clone()).or_insert(0);
+            *n += 1;
+            *n - 1
+        };
+        {
             let mut calls = self.calls.lock().unwrap();
-            let nth = calls.iter().filter(|c| c.id == job.id).count();
             calls.push(Call {
                 id: job.id.clone(),
                 ctx: ctx.clone(),
                 metadata: job.metadata.clone(),
                 at: Instant::now(),
             });
-            nth
-        };
+        }
         (self.answer)(&job, &ctx, nth)
     }
 }
