@@ -261,3 +261,51 @@ async fn producer_helpers_push_wait_and_read_results_and_stats_count() {
     let _ = tx.send(());
     running.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_started_while_redis_is_down_serves_once_it_is_up() {
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    redis.kill();
+    let rec = Recorder::echo();
+    let q = start(&config(&url), rec.handler()).await;
+    redis.restart();
+    let mut c = conn(&url).await;
+    xadd(&mut c, "low", &job_json("late", "hello")).await;
+    let r = wait_result(&url, "late", Duration::from_secs(15)).await;
+    assert_eq!(r.status, Status::Succeeded);
+    q.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_runs_once_and_bad_queue_config_is_refused() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let q = queue::Queue::connect(&config(&url)).await.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(q.clone().run(Recorder::echo().handler(), async move {
+        let _ = rx.await;
+    }));
+    let c2 = conn(&url).await;
+    wait_until_async(Duration::from_secs(5), "groups created", || {
+        let mut c = c2.clone();
+        async move { int(&mut c, &["EXISTS", "llmq:{jobs}:normal"]).await == 1 }
+    })
+    .await;
+    let second = q.run(Recorder::echo().handler(), async {}).await;
+    assert!(
+        second.is_err(),
+        "a clone must not run a second consumer with the same name"
+    );
+    let _ = tx.send(());
+    first.await.unwrap().unwrap();
+
+    let mut cfg = config(&url);
+    cfg.queue.lanes = vec!["high".into(), "bad lane".into()];
+    let e = queue::Queue::connect(&cfg).await.unwrap_err();
+    assert!(e.to_string().contains("bad lane"), "{e}");
+    cfg.queue.lanes = vec![];
+    assert!(queue::Queue::connect(&cfg).await.is_err());
+    cfg.queue.lanes = vec!["a".into(), "a".into()];
+    assert!(queue::Queue::connect(&cfg).await.is_err());
+}

@@ -232,6 +232,8 @@ pub(crate) struct Shared {
     pub mover_wake: Notify,
     /// `LLMQ_TEST_HOOKS=1` (see the module docs).
     pub hooks: bool,
+    /// Set by [`Queue::run`]: clones share one consumer name, so only one may run.
+    pub running: AtomicBool,
 }
 
 impl Shared {
@@ -406,6 +408,7 @@ impl Queue {
                 inflight: Mutex::new(HashMap::new()),
                 mover_wake: Notify::new(),
                 hooks: std::env::var("LLMQ_TEST_HOOKS").as_deref() == Ok("1"),
+                running: AtomicBool::new(false),
             }),
         })
     }
@@ -430,6 +433,7 @@ impl Queue {
     /// Runs the workers under apalis until `shutdown` resolves, then drains:
     /// running jobs get up to `shutdown_grace` to finish and have their
     /// results written; everything else stays unacked for another daemon.
+    /// A queue (and its clones) runs once; connect again for another consumer.
     pub async fn run(
         self,
         handler: Arc<dyn JobHandler>,
@@ -444,6 +448,11 @@ impl Queue {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), QueueError> {
         let shared = self.shared;
+        if shared.running.swap(true, Ordering::SeqCst) {
+            return Err(QueueError::Runtime(
+                "this queue is already running (clones share one consumer name)".into(),
+            ));
+        }
         let grace = shared.cfg.shutdown_grace;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (hard_tx, hard_rx) = watch::channel(false);
