@@ -325,3 +325,32 @@ async fn a_daemon_that_aborts_mid_job_is_recovered_by_another() {
     assert_eq!(rec.calls()[0].ctx.attempt, 2);
     q.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_run_is_stopped_after_the_deadline_and_counts_as_an_attempt() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut c = conn(&url).await;
+    let body = serde_json::json!({
+        "id": "hung",
+        "messages": [{"role": "user", "content": "x"}],
+        "deadline_s": 1,
+    })
+    .to_string();
+    xadd(&mut c, "normal", &body).await;
+    let rec = Recorder::new(|_, _, _| futures::future::pending::<Disposition>().boxed());
+    let mut cfg = config(&url);
+    cfg.queue.max_attempts = 2;
+    let q = start(&cfg, rec.handler()).await;
+    let r = wait_result(&url, "hung", Duration::from_secs(10)).await;
+    assert_eq!(r.status, Status::Failed);
+    assert_eq!(r.error.unwrap().kind, FailureKind::Exhausted);
+    let outcomes: Vec<&str> = r.attempts.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(outcomes, vec!["timed_out", "timed_out"]);
+    let calls = rec.calls();
+    assert_eq!(calls.len(), 2);
+    // Deadline 1 s + 10% margin for the first run; the second starts past it.
+    assert!(calls[1].at - calls[0].at >= Duration::from_millis(1100));
+    assert!(calls[1].at - calls[0].at < Duration::from_secs(3));
+    q.stop().await.unwrap();
+}

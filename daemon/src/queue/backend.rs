@@ -20,6 +20,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 /// One delivery of a job, as the worker receives it.
@@ -239,7 +240,11 @@ async fn run_delivery(
         std::process::abort();
     }
     let job_id = job.id.clone();
-    let run = AssertUnwindSafe(handler.run(job, ctx.clone())).catch_unwind();
+    let limit = run_limit(&job, &ctx, shared.default_deadline);
+    let run = tokio::time::timeout(
+        limit,
+        AssertUnwindSafe(handler.run(job, ctx.clone())).catch_unwind(),
+    );
     let outcome = tokio::select! {
         r = run => Some(r),
         _ = hard_stop_raised(&mut hard_stop) => None,
@@ -250,8 +255,18 @@ async fn run_delivery(
             shared.untrack(entry.lane, &ctx.entry_id);
             return;
         }
-        Some(Ok(d)) => d,
-        Some(Err(p)) => {
+        Some(Ok(Ok(d))) => d,
+        Some(Err(_elapsed)) => {
+            tracing::error!(job = %job_id, ?limit, "queue: the run outlived the job's deadline; stopped it");
+            Disposition::Retry {
+                after: None,
+                attempts: vec![local_attempt("timed_out")],
+                reason: format!(
+                    "the run outlived the job's deadline and was stopped after {limit:?}"
+                ),
+            }
+        }
+        Some(Ok(Err(p))) => {
             let msg = panic_message(p.as_ref());
             tracing::error!(job = %job_id, panic = %msg, "queue: the executor panicked; retrying the job");
             Disposition::Retry {
@@ -268,6 +283,21 @@ async fn run_delivery(
         shared.untrack(lane, &entry_id);
     }
     drop(permit);
+}
+
+/// How long one run may take: until the job's deadline (from its first
+/// enqueue), plus a margin of 10% of the deadline (100 ms to 60 s) so the
+/// executor's own deadline handling always fires first.
+fn run_limit(job: &Job, ctx: &JobContext, default_deadline: Duration) -> Duration {
+    let deadline = job
+        .deadline_s
+        .map(Duration::from_secs)
+        .unwrap_or(default_deadline);
+    let margin = (deadline / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let due_ms = ctx
+        .enqueued_unix_ms
+        .saturating_add(deadline.as_millis() as u64);
+    Duration::from_millis(due_ms.saturating_sub(unix_ms())) + margin
 }
 
 /// Fills what the executor may have left out: id, metadata echo,

@@ -34,8 +34,11 @@
 //! apalis-core 1.0 has no concurrency or timeout layer (those live in the
 //! `apalis` crate, which we do not depend on), and strict priority needs
 //! the *fetch size* to equal the free slots, which only the backend knows.
-//! So the backend enforces `concurrency` with its permits, and the executor
-//! bounds each run by the job's own deadline.
+//! So the backend enforces `concurrency` with its permits. The executor
+//! bounds each run by the job's deadline; as a safety net against a hung
+//! run, [`JobService`] stops a run that outlives the deadline (`deadline_s`
+//! from enqueue, else `routing.default_deadline`) by a margin of 10%
+//! (100 ms to 60 s) and counts it as a `timed_out` attempt.
 //!
 //! # Redis keys
 //!
@@ -234,6 +237,8 @@ pub(crate) struct Shared {
     pub hooks: bool,
     /// Set by [`Queue::run`]: clones share one consumer name, so only one may run.
     pub running: AtomicBool,
+    /// Deadline of a job that gives none (`routing.default_deadline`).
+    pub default_deadline: Duration,
 }
 
 impl Shared {
@@ -409,6 +414,7 @@ impl Queue {
                 mover_wake: Notify::new(),
                 hooks: std::env::var("LLMQ_TEST_HOOKS").as_deref() == Ok("1"),
                 running: AtomicBool::new(false),
+                default_deadline: cfg.routing.default_deadline,
             }),
         })
     }
