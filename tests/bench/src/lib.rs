@@ -96,6 +96,8 @@ pub struct Sizes {
     pub latency_mock_ms: u64,
     /// Offered rate when no burn-down figure is available (jobs/s).
     pub latency_fallback_rate: f64,
+    /// A fixed offered rate (jobs/s), instead of half the burn-down throughput.
+    pub latency_rate: Option<f64>,
     /// Jobs sent one at a time to an idle queue.
     pub idle_samples: usize,
     /// Jobs in flight at once in the loaded memory run.
@@ -128,6 +130,7 @@ impl Sizes {
             latency_warmup_secs: 1.0,
             latency_mock_ms: 50,
             latency_fallback_rate: 5_000.0,
+            latency_rate: None,
             idle_samples: 300,
             mem_in_flight: 10_000,
             mem_latency_ms: 1_000,
@@ -151,6 +154,7 @@ impl Sizes {
             latency_warmup_secs: 0.2,
             latency_mock_ms: 50,
             latency_fallback_rate: 200.0,
+            latency_rate: None,
             idle_samples: 20,
             mem_in_flight: 200,
             mem_latency_ms: 300,

@@ -54,6 +54,9 @@ struct RunArgs {
     /// Jobs run at once by llmq and by the baseline loop.
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Offered rate of the latency run in jobs/s (default: half of llmq's burn-down throughput).
+    #[arg(long)]
+    latency_rate: Option<f64>,
     /// Build the daemon in the debug profile instead of release.
     #[arg(long)]
     debug_daemon: bool,
@@ -125,6 +128,9 @@ fn main() -> anyhow::Result<()> {
     };
     if let Some(j) = args.jobs {
         sizes.burn_jobs = j;
+    }
+    if let Some(r) = args.latency_rate {
+        sizes.latency_rate = Some(r);
     }
     if let Some(c) = args.concurrency {
         sizes.concurrency = c;

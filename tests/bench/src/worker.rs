@@ -259,6 +259,9 @@ impl Worker {
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
+        if all.is_empty() {
+            return "(the process wrote nothing)".into();
+        }
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 

@@ -33,13 +33,24 @@ async fn baseline_loop_side_measures_every_figure() {
     assert!(bd.baseline.unwrap() > 0.0, "{}", s.table());
     assert!(bd.value.is_none(), "no llmq figure without llmq");
     assert!(row(&s, "burn-down", "CPU per job").baseline.unwrap() > 0.0);
-    for f in ["added p50", "added p99", "idle pickup p50", "idle pickup p99"] {
-        assert!(row(&s, "latency", f).baseline.is_some(), "{f}\n{}", s.table());
+    for f in [
+        "added p50",
+        "added p99",
+        "idle pickup p50",
+        "idle pickup p99",
+    ] {
+        assert!(
+            row(&s, "latency", f).baseline.is_some(),
+            "{f}\n{}",
+            s.table()
+        );
     }
     let rss = row(&s, "memory", "RSS peak").baseline.unwrap();
     assert!(rss > row(&s, "memory", "RSS idle").baseline.unwrap() * 0.5);
     // The baseline loop has no per-key limits and runs the concurrency asked for.
-    let in_flight = row(&s, "memory", "most requests in flight").baseline.unwrap();
+    let in_flight = row(&s, "memory", "most requests in flight")
+        .baseline
+        .unwrap();
     assert!(in_flight >= 100.0, "{}", s.table());
     let redis = row(&s, "memory", "Redis used_memory");
     assert!(redis.value.unwrap() > redis.baseline.unwrap() * 0.5);
