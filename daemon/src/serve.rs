@@ -1,1 +1,335 @@
-//! serve (in progress)
+//! `llmq serve`: wires the modules into a running daemon.
+//!
+//! Start-up order: config → env/keys → plugins → key pool (+ state restored
+//! from Redis) → routes → executor → queue → admin API → READY. Then it waits
+//! for signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads keys and config
+//! without dropping a job (jobs in flight keep the runtime they started with).
+
+use crate::budget::Budgets;
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::executor::{Executor, ExecutorHandler, Runtime};
+use crate::keys::{load_keys, EnvSource, KeyRing};
+use crate::plugin_host::PluginHost;
+use crate::pool::KeyPool;
+use crate::queue::Queue;
+use crate::router::RouteTable;
+use crate::upstream::{Upstream, DEFAULT_TIMEOUT};
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where the daemon's settings come from, and command-line overrides.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub config: Option<PathBuf>,
+    pub env_file: Option<PathBuf>,
+    pub redis_url: Option<String>,
+    pub plugins_dir: Option<PathBuf>,
+    pub admin_listen: Option<String>,
+}
+
+/// Config, keys and the env they came from.
+pub struct Settings {
+    pub config: Config,
+    pub env: EnvSource,
+    pub ring: KeyRing,
+}
+
+impl Options {
+    /// Loads the config with the command-line overrides, without keys.
+    pub fn load_config_only(&self) -> Result<Config> {
+        let mut config = crate::config::load(self.config.as_deref())?;
+        self.apply(&mut config);
+        Ok(config)
+    }
+
+    fn apply(&self, config: &mut Config) {
+        if let Some(url) = &self.redis_url {
+            config.redis.url = url.clone();
+        }
+        if let Some(dir) = &self.plugins_dir {
+            config.plugins.dir = dir.display().to_string();
+        }
+        if let Some(listen) = &self.admin_listen {
+            config.admin.listen = listen.clone();
+        }
+    }
+
+    /// Loads config (with overrides), the env and the keys. Fails fast with
+    /// the file and field on bad config.
+    pub fn load(&self) -> Result<Settings> {
+        let config = self.load_config_only()?;
+        let env_file = self
+            .env_file
+            .clone()
+            .or_else(|| config.keys.env_file.as_ref().map(PathBuf::from));
+        let env = EnvSource::from_process_and_file(env_file.as_deref())?;
+        let ring = load_keys(&config.providers, &env)?;
+        Ok(Settings { config, env, ring })
+    }
+}
+
+/// Builds the routes, budgets and runtime for a config and key ring.
+pub fn build_runtime(
+    settings: &Settings,
+    pool: Arc<KeyPool>,
+    plugins: Arc<PluginHost>,
+    clock: &SharedClock,
+) -> Result<Runtime> {
+    let config = &settings.config;
+    let ring = &settings.ring;
+    let router = RouteTable::new(config, |p| !ring.for_provider(p).is_empty());
+    // Every provider that can be routed to needs its plugin.
+    for route in router.routes() {
+        if plugins.get(&route.plugin).is_err() {
+            return Err(Error::config(
+                "config",
+                format!("providers.{}.plugin", route.provider),
+                format!(
+                    "a loaded plugin; {:?} is not in the plugins dir {} (loaded: {})",
+                    route.plugin,
+                    plugins.dir().display(),
+                    plugins.names().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
+    let caps: HashMap<String, f64> = config
+        .providers
+        .iter()
+        .filter_map(|(name, p)| p.budget_usd_per_day.map(|b| (name.clone(), b)))
+        .collect();
+    let budgets = Budgets::new(caps);
+    let now = clock.unix_ms();
+    for (provider, _, _) in budgets.snapshot(now) {
+        budgets.load_spent(&provider, pool.spend_today(&provider), now);
+    }
+    Ok(Runtime {
+        config: Arc::new(config.clone()),
+        router: Arc::new(router),
+        pool,
+        plugins,
+        budgets: Arc::new(budgets),
+    })
+}
+
+/// A daemon that has started and is serving; created by [`start`].
+pub struct Daemon {
+    pub executor: Arc<Executor>,
+    pub pool: Arc<KeyPool>,
+    pub queue: Queue,
+    pub settings: Settings,
+    pub clock: SharedClock,
+}
+
+/// Starts everything but the queue loop (so callers can reach the parts).
+pub async fn start(opts: &Options) -> Result<Daemon> {
+    let settings = opts.load()?;
+    let clock: SharedClock = Arc::new(SystemClock::default());
+    let plugins = Arc::new(PluginHost::load_dir(std::path::Path::new(
+        &settings.config.plugins.dir,
+    ))?);
+    let pool = Arc::new(KeyPool::new(
+        &settings.config,
+        &settings.ring,
+        clock.clone(),
+    ));
+    let runtime = build_runtime(&settings, pool.clone(), plugins, &clock)?;
+    let upstream = Upstream::new(DEFAULT_TIMEOUT).map_err(|e| Error::Other(e.to_string()))?;
+    let executor = Arc::new(Executor::new(runtime, upstream, clock.clone()));
+    let queue = Queue::connect(&settings.config).await?;
+    tracing::info!(
+        keys = settings.ring.len(),
+        routes = executor.runtime().router.routes().len(),
+        consumer = queue.consumer(),
+        "llmq ready"
+    );
+    Ok(Daemon {
+        executor,
+        pool,
+        queue,
+        settings,
+        clock,
+    })
+}
+
+impl Daemon {
+    /// Runs until `shutdown` resolves, then drains and flushes state.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+        let handler = Arc::new(ExecutorHandler(self.executor.clone()));
+        self.queue.run(handler, shutdown).await
+    }
+}
+
+/// `llmq serve`: start, notify systemd, handle signals, drain on stop.
+pub async fn serve(opts: Options) -> Result<()> {
+    let daemon = start(&opts).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let admin = spawn_admin(&daemon, stop_rx.clone()).await?;
+
+    let executor = daemon.executor.clone();
+    let pool = daemon.pool.clone();
+    let reload_opts = opts.clone();
+    let reloader = ReloadHandle {
+        executor,
+        pool,
+        clock: daemon.clock.clone(),
+    };
+    tokio::spawn(signal_loop(stop_tx, reloader, reload_opts));
+    notify_ready();
+    let watchdog = spawn_watchdog();
+
+    let mut stop = stop_rx.clone();
+    let shutdown = async move {
+        while !*stop.borrow() {
+            if stop.changed().await.is_err() {
+                break;
+            }
+        }
+        tracing::info!("stopping: no new jobs; draining in-flight jobs");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    };
+    let result = daemon.run(shutdown).await;
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    if let Some(a) = admin {
+        a.abort();
+    }
+    result
+}
+
+/// What SIGHUP needs.
+struct ReloadHandle {
+    executor: Arc<Executor>,
+    pool: Arc<KeyPool>,
+    clock: SharedClock,
+}
+
+impl ReloadHandle {
+    fn reload(&self, opts: &Options) -> Result<()> {
+        let settings = opts.load()?;
+        let old = self.executor.runtime();
+        // Plugins are never unloaded; new files in the dir are added.
+        let mut host = (*old.plugins).clone();
+        if let Ok(fresh) =
+            PluginHost::load_dir_lenient(std::path::Path::new(&settings.config.plugins.dir))
+        {
+            for name in fresh.names() {
+                if host.get(name).is_err() {
+                    if let Ok(p) = fresh.get(name) {
+                        let _ = host.insert(p.clone());
+                    }
+                }
+            }
+        }
+        self.pool.reload(&settings.config, &settings.ring);
+        let runtime = build_runtime(&settings, self.pool.clone(), Arc::new(host), &self.clock)?;
+        self.executor.replace_runtime(runtime);
+        tracing::info!(
+            keys = settings.ring.len(),
+            "reloaded config and keys (SIGHUP)"
+        );
+        Ok(())
+    }
+}
+
+async fn signal_loop(stop: tokio::sync::watch::Sender<bool>, reload: ReloadHandle, opts: Options) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { let _ = stop.send(true); return; }
+            _ = int.recv() => { let _ = stop.send(true); return; }
+            _ = hup.recv() => {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                if let Err(e) = reload.reload(&opts) {
+                    tracing::error!(error = %e, "reload failed; keeping the running config");
+                }
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            }
+        }
+    }
+}
+
+fn notify_ready() {
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::debug!(error = %e, "sd_notify READY failed (not under systemd?)");
+    }
+}
+
+fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let every = Duration::from_micros(usec / 2);
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        }
+    }))
+}
+
+/// Starts the admin API when `admin.listen` is set.
+async fn spawn_admin(
+    daemon: &Daemon,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let cfg = &daemon.settings.config.admin;
+    if cfg.listen.trim().is_empty() {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = cfg.listen.parse().map_err(|_| {
+        Error::config(
+            "config",
+            "admin.listen",
+            format!("host:port, e.g. 127.0.0.1:9090 (got {:?})", cfg.listen),
+        )
+    })?;
+    let token = daemon
+        .settings
+        .env
+        .secret(&cfg.token_env)
+        .cloned()
+        .filter(|t| !secrecy::ExposeSecret::expose_secret(t).trim().is_empty());
+    crate::admin::check_listen(&addr, token.as_ref())
+        .map_err(|e| Error::config("config", "admin.listen", e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(listen = %listener.local_addr()?, auth = token.is_some(), "admin API listening");
+    let metrics = crate::metrics::install().ok();
+    let clock = daemon.clock.clone();
+    let control = crate::control::Control {
+        executor: daemon.executor.clone(),
+        redis: daemon.queue.connection(),
+        lanes: daemon.settings.config.queue.lanes.clone(),
+        unix_ms: Arc::new(move || clock.unix_ms()),
+    };
+    let router = crate::admin::router(Arc::new(control), token, metrics);
+    let mut stop = stop;
+    Ok(Some(tokio::spawn(async move {
+        let shutdown = async move {
+            while !*stop.borrow() {
+                if stop.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        if let Err(e) = crate::admin::serve(listener, router, shutdown).await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    })))
+}

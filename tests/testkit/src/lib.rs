@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod daemon;
 pub mod plugins;
 pub use plugins::{fixture_plugin, plugin_dir};
 
