@@ -13,6 +13,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod error;
 pub mod executor;
 pub mod job;

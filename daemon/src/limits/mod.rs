@@ -284,14 +284,15 @@ pub trait Admission: Send + fmt::Debug {
 #[derive(Debug)]
 enum Meter {
     Rolling(RollingLog),
-    Bucket(Bucket),
+    /// Boxed: governor's limiter is large, and this shape is the rarer one.
+    Bucket(Box<Bucket>),
 }
 
 impl Meter {
     fn new(shape: LimitShape, limit: u64, window: Duration, now: Duration) -> Meter {
         match shape {
             LimitShape::Rolling => Meter::Rolling(RollingLog::new(limit, window)),
-            LimitShape::TokenBucket => Meter::Bucket(Bucket::new(limit, window, now)),
+            LimitShape::TokenBucket => Meter::Bucket(Box::new(Bucket::new(limit, window, now))),
         }
     }
 
@@ -359,6 +360,8 @@ pub struct LocalLimiter {
     cfg: LimiterConfig,
     /// Limits the upstream reported stricter than `cfg` (rpm and tpm).
     learned: Limits,
+    /// `cfg.limits` tightened by `learned` (kept, not recomputed per call).
+    eff: Limits,
     in_flight: u32,
     requests: Option<Meter>,
     tokens: Option<Meter>,
@@ -380,6 +383,7 @@ impl LocalLimiter {
         let mut l = LocalLimiter {
             cfg,
             learned: Limits::default(),
+            eff: cfg.limits,
             in_flight: 0,
             requests: None,
             tokens: None,
@@ -396,12 +400,16 @@ impl LocalLimiter {
 
     /// Configured limits tightened by learned ones.
     pub fn effective_limits(&self) -> Limits {
-        Limits {
+        self.eff
+    }
+
+    fn update_eff(&mut self) {
+        self.eff = Limits {
             rpm: stricter(self.cfg.limits.rpm, self.learned.rpm),
             tpm: stricter(self.cfg.limits.tpm, self.learned.tpm),
             rpd: self.cfg.limits.rpd,
             tpd: self.cfg.limits.tpd,
-        }
+        };
     }
 
     fn build_meters(&mut self, now: Now) {
@@ -578,6 +586,7 @@ impl Admission for LocalLimiter {
             }
         }
         if changed {
+            self.update_eff();
             let eff = self.effective_limits();
             Self::retune(&mut self.requests, eff.rpm, &self.cfg, now);
             Self::retune(&mut self.tokens, eff.tpm, &self.cfg, now);
@@ -610,6 +619,7 @@ impl Admission for LocalLimiter {
         }
         let rebuild = cfg.shape != self.cfg.shape || cfg.window != self.cfg.window;
         self.cfg = cfg;
+        self.update_eff();
         if rebuild {
             self.build_meters(now);
         } else {
@@ -621,6 +631,57 @@ impl Admission for LocalLimiter {
 
     fn config(&self) -> &LimiterConfig {
         &self.cfg
+    }
+}
+
+/// A key's limiter as the pool holds it: the in-process one inline (no
+/// pointer chase on the hot path), or any other [`Admission`] — e.g. one
+/// that admits against capacity leased from Redis.
+#[derive(Debug)]
+pub enum Limiter {
+    Local(LocalLimiter),
+    Custom(Box<dyn Admission>),
+}
+
+impl Limiter {
+    fn inner(&mut self) -> &mut dyn Admission {
+        match self {
+            Limiter::Local(l) => l,
+            Limiter::Custom(c) => c.as_mut(),
+        }
+    }
+}
+
+impl Admission for Limiter {
+    fn check(&mut self, now: Now, tokens: u64) -> Result<(), Refusal> {
+        self.inner().check(now, tokens)
+    }
+    fn admit(&mut self, now: Now, tokens: u64) -> Result<Ticket, Refusal> {
+        self.inner().admit(now, tokens)
+    }
+    fn complete(&mut self, ticket: Ticket, now: Now, actual_tokens: Option<u64>) {
+        self.inner().complete(ticket, now, actual_tokens)
+    }
+    fn cancel(&mut self, ticket: Ticket, now: Now) {
+        self.inner().cancel(ticket, now)
+    }
+    fn observe(&mut self, seen: &ObservedLimits, now: Now) {
+        self.inner().observe(seen, now)
+    }
+    fn usage(&mut self, now: Now) -> LimiterUsage {
+        self.inner().usage(now)
+    }
+    fn restore_daily(&mut self, now: Now, requests: u64, tokens: u64) {
+        self.inner().restore_daily(now, requests, tokens)
+    }
+    fn reconfigure(&mut self, cfg: LimiterConfig, now: Now) {
+        self.inner().reconfigure(cfg, now)
+    }
+    fn config(&self) -> &LimiterConfig {
+        match self {
+            Limiter::Local(l) => l.config(),
+            Limiter::Custom(c) => c.config(),
+        }
     }
 }
 

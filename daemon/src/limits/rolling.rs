@@ -1,89 +1,114 @@
-//! The exact rolling window: at most `limit` units (requests or tokens) in
-//! ANY window of length `window`.
+//! The exact rolling window: at most `rpm` calls and `tpm` tokens in ANY
+//! window of length `window`, kept in one log of `(stamp, tokens)`.
 //!
-//! Each admitted call *reserves* its weight; while the call is in flight
-//! that weight counts as occupying the window "now". When the call
-//! completes, its weight is stamped with the completion time (never earlier
-//! than its admission) and leaves the window `window` after that stamp.
-//! Completion times are non-decreasing on a monotonic clock, so the log of
-//! completed entries stays sorted and expiry is a pop from the front.
+//! Each admitted call *reserves* one request and its tokens; while the call
+//! is in flight they count as occupying the window "now". When the call
+//! completes it is stamped with the completion time (never earlier than its
+//! admission) and leaves the window `window` after that stamp. Completion
+//! times are non-decreasing on a monotonic clock, so the log stays sorted and
+//! expiry is a pop from the front.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
-/// Why a weight does not fit now.
+/// Why a call does not fit now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Block {
     /// Not before this clock time (a lower bound).
     Until(Duration),
-    /// Never: the weight alone is over the limit.
+    /// Never: the call alone is over the limit.
     Never(u64),
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct RollingLog {
-    limit: u64,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
     window: Duration,
-    /// Weight reserved by calls not yet completed.
+    /// Calls and tokens reserved by calls not yet completed.
     in_flight: u64,
-    /// Completed entries `(stamp, weight)`, sorted by stamp.
+    in_flight_tokens: u64,
+    /// Completed calls `(stamp, tokens)`, sorted by stamp.
     done: VecDeque<(Duration, u64)>,
-    done_sum: u64,
+    done_tokens: u64,
 }
 
 impl RollingLog {
-    pub(crate) fn new(limit: u64, window: Duration) -> RollingLog {
+    pub(crate) fn new(rpm: Option<u64>, tpm: Option<u64>, window: Duration) -> RollingLog {
         RollingLog {
-            limit,
+            rpm,
+            tpm,
             window,
             in_flight: 0,
+            in_flight_tokens: 0,
             done: VecDeque::new(),
-            done_sum: 0,
+            done_tokens: 0,
         }
     }
 
-    pub(crate) fn limit(&self) -> u64 {
-        self.limit
+    pub(crate) fn set_limits(&mut self, rpm: Option<u64>, tpm: Option<u64>) {
+        self.rpm = rpm;
+        self.tpm = tpm;
     }
 
-    pub(crate) fn set_limit(&mut self, limit: u64) {
-        self.limit = limit;
-    }
-
-    /// Drops entries whose window has passed: a stamp `s` counts while `now < s + window`.
+    /// Drops calls whose window has passed: a stamp `s` counts while `now < s + window`.
     fn purge(&mut self, now: Duration) {
-        while let Some(&(stamp, w)) = self.done.front() {
-            if stamp + self.window <= now {
-                self.done.pop_front();
-                self.done_sum -= w;
-            } else {
+        while let Some(&(stamp, tokens)) = self.done.front() {
+            if stamp + self.window > now {
                 break;
             }
+            self.done.pop_front();
+            self.done_tokens -= tokens;
         }
     }
 
-    /// Weight occupying the window at `now` (in flight included).
-    pub(crate) fn used(&mut self, now: Duration) -> u64 {
+    /// `(calls, tokens)` occupying the window at `now`, in flight included.
+    pub(crate) fn used(&mut self, now: Duration) -> (u64, u64) {
         self.purge(now);
-        self.in_flight + self.done_sum
+        (
+            self.in_flight + self.done.len() as u64,
+            self.in_flight_tokens + self.done_tokens,
+        )
     }
 
-    /// Whether `weight` more fits at `now`, else the earliest time it could.
-    pub(crate) fn check(&mut self, now: Duration, weight: u64) -> Result<(), Block> {
-        if weight > self.limit {
-            return Err(Block::Never(self.limit));
+    /// Whether one more call fits the request limit at `now`.
+    pub(crate) fn check_requests(&mut self, now: Duration) -> Result<(), Block> {
+        let Some(limit) = self.rpm else {
+            return Ok(());
+        };
+        if limit == 0 {
+            return Err(Block::Never(0));
         }
-        let used = self.used(now);
-        if used + weight <= self.limit {
+        let (used, _) = self.used(now);
+        if used < limit {
             return Ok(());
         }
-        // Free `need` units, oldest completed entries first. In-flight weight
-        // is stamped no earlier than its completion (>= now), so it leaves
-        // the window no earlier than `now + window`.
-        let need = used + weight - self.limit;
+        // `need` completed calls must leave, oldest first. In-flight calls
+        // are stamped no earlier than their completion (>= now), so they
+        // leave no earlier than `now + window`.
+        let need = (used - limit + 1) as usize;
+        Err(Block::Until(match self.done.get(need - 1) {
+            Some(&(stamp, _)) => stamp + self.window,
+            None => now + self.window,
+        }))
+    }
+
+    /// Whether `tokens` more fit the token limit at `now`.
+    pub(crate) fn check_tokens(&mut self, now: Duration, tokens: u64) -> Result<(), Block> {
+        let Some(limit) = self.tpm else {
+            return Ok(());
+        };
+        if tokens > limit {
+            return Err(Block::Never(limit));
+        }
+        let (_, used) = self.used(now);
+        if used + tokens <= limit {
+            return Ok(());
+        }
+        let need = used + tokens - limit;
         let mut freed = 0;
-        for &(stamp, w) in &self.done {
-            freed += w;
+        for &(stamp, t) in &self.done {
+            freed += t;
             if freed >= need {
                 return Err(Block::Until(stamp + self.window));
             }
@@ -91,28 +116,31 @@ impl RollingLog {
         Err(Block::Until(now + self.window))
     }
 
-    pub(crate) fn reserve(&mut self, weight: u64) {
-        self.in_flight += weight;
+    pub(crate) fn reserve(&mut self, tokens: u64) {
+        self.in_flight += 1;
+        self.in_flight_tokens += tokens;
     }
 
     /// Re-stamps a reservation with its completion time.
-    pub(crate) fn complete(&mut self, weight: u64, admitted: Duration, now: Duration) {
-        let weight = weight.min(self.in_flight);
-        if weight == 0 {
+    pub(crate) fn complete(&mut self, tokens: u64, admitted: Duration, now: Duration) {
+        if self.in_flight == 0 {
             return;
         }
-        self.in_flight -= weight;
+        self.in_flight -= 1;
+        let tokens = tokens.min(self.in_flight_tokens);
+        self.in_flight_tokens -= tokens;
         let mut stamp = now.max(admitted);
         if let Some(&(last, _)) = self.done.back() {
             stamp = stamp.max(last);
         }
-        self.done.push_back((stamp, weight));
-        self.done_sum += weight;
+        self.done.push_back((stamp, tokens));
+        self.done_tokens += tokens;
     }
 
     /// Gives a reservation back (the call was never sent).
-    pub(crate) fn cancel(&mut self, weight: u64) {
-        self.in_flight -= weight.min(self.in_flight);
+    pub(crate) fn cancel(&mut self, tokens: u64) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.in_flight_tokens -= tokens.min(self.in_flight_tokens);
     }
 }
 
@@ -125,24 +153,28 @@ mod tests {
     }
 
     #[test]
-    fn a_full_window_says_when_the_oldest_entry_leaves() {
-        let mut log = RollingLog::new(2, s(60));
-        log.reserve(1);
-        log.complete(1, s(0), s(1));
-        log.reserve(1);
-        log.complete(1, s(5), s(7));
-        assert_eq!(log.check(s(10), 1), Err(Block::Until(s(61))));
-        assert_eq!(log.check(s(61), 1), Ok(()));
-        assert_eq!(log.check(s(61), 2), Err(Block::Until(s(67))));
-        assert_eq!(log.check(s(61), 3), Err(Block::Never(2)));
+    fn a_full_window_says_when_the_oldest_entries_leave() {
+        let mut log = RollingLog::new(Some(2), Some(10), s(60));
+        log.reserve(3);
+        log.complete(3, s(0), s(1));
+        log.reserve(4);
+        log.complete(4, s(5), s(7));
+        assert_eq!(log.check_requests(s(10)), Err(Block::Until(s(61))));
+        assert_eq!(log.check_tokens(s(10), 3), Ok(()));
+        assert_eq!(log.check_tokens(s(10), 4), Err(Block::Until(s(61))));
+        assert_eq!(log.check_tokens(s(10), 8), Err(Block::Until(s(67))));
+        assert_eq!(log.check_tokens(s(10), 11), Err(Block::Never(10)));
+        assert_eq!(log.check_requests(s(61)), Ok(()));
+        assert_eq!(log.used(s(61)), (1, 4));
     }
 
     #[test]
-    fn in_flight_weight_is_held_until_a_window_after_completion() {
-        let mut log = RollingLog::new(1, s(60));
-        log.reserve(1);
-        assert_eq!(log.check(s(100), 1), Err(Block::Until(s(160))));
-        log.cancel(1);
-        assert_eq!(log.check(s(100), 1), Ok(()));
+    fn in_flight_calls_are_held_until_a_window_after_completion() {
+        let mut log = RollingLog::new(Some(1), None, s(60));
+        log.reserve(5);
+        assert_eq!(log.check_requests(s(100)), Err(Block::Until(s(160))));
+        log.cancel(5);
+        assert_eq!(log.check_requests(s(100)), Ok(()));
+        assert_eq!(log.used(s(100)), (0, 0));
     }
 }

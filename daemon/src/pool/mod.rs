@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -244,7 +244,7 @@ pub struct KeyEvent {
 /// Lifetime counters of a key.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct KeyStats {
-    /// Calls sent upstream.
+    /// Calls sent upstream (counted when they end; see `in_flight`).
     pub requests: u64,
     pub successes: u64,
     pub failures: u64,
@@ -401,15 +401,47 @@ struct Provider {
 
 struct Inner {
     clock: SharedClock,
-    providers: RwLock<HashMap<Arc<str>, Arc<Provider>>>,
+    /// Wall time as an offset from the monotonic clock (`unix_ms - mono_ms`),
+    /// re-read at most once a second: one clock read per call, not two.
+    wall_offset_ms: AtomicI64,
+    wall_synced_ms: AtomicU64,
+    providers: RwLock<FnvMap<Arc<str>, Arc<Provider>>>,
     epoch: AtomicU64,
     notify: Notify,
     events: Mutex<Option<mpsc::UnboundedSender<KeyEvent>>>,
 }
 
 impl Inner {
+    fn new(clock: SharedClock) -> Inner {
+        let now = Now::of(&*clock);
+        let mono_ms = now.mono.as_millis() as u64;
+        Inner {
+            clock,
+            wall_offset_ms: AtomicI64::new(now.unix_ms as i64 - mono_ms as i64),
+            wall_synced_ms: AtomicU64::new(mono_ms),
+            providers: RwLock::new(FnvMap::default()),
+            epoch: AtomicU64::new(0),
+            notify: Notify::new(),
+            events: Mutex::new(None),
+        }
+    }
+
     fn now(&self) -> Now {
-        Now::of(&*self.clock)
+        let mono = self.clock.now();
+        let mono_ms = mono.as_millis() as u64;
+        let synced = self.wall_synced_ms.load(Ordering::Relaxed);
+        if mono_ms.abs_diff(synced) >= 1_000 {
+            let unix_ms = self.clock.unix_ms();
+            self.wall_offset_ms
+                .store(unix_ms as i64 - mono_ms as i64, Ordering::Relaxed);
+            self.wall_synced_ms.store(mono_ms, Ordering::Relaxed);
+            return Now { mono, unix_ms };
+        }
+        let offset = self.wall_offset_ms.load(Ordering::Relaxed);
+        Now {
+            mono,
+            unix_ms: (mono_ms as i64 + offset).max(0) as u64,
+        }
     }
 
     /// Capacity may have been freed: wake the waiters.
@@ -418,6 +450,31 @@ impl Inner {
         self.notify.notify_waiters();
     }
 }
+
+/// FNV-1a, for the small maps on the hot path whose keys come from config
+/// (provider names, wire model ids): a few ns instead of SipHash's tens.
+#[derive(Clone, Copy)]
+pub(crate) struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+pub(crate) type FnvMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -447,13 +504,7 @@ impl KeyPool {
     /// A pool of the ring's keys, limited as `config` says.
     pub fn new(config: &Config, ring: &KeyRing, clock: SharedClock) -> KeyPool {
         let pool = KeyPool {
-            inner: Arc::new(Inner {
-                clock,
-                providers: RwLock::new(HashMap::new()),
-                epoch: AtomicU64::new(0),
-                notify: Notify::new(),
-                events: Mutex::new(None),
-            }),
+            inner: Arc::new(Inner::new(clock)),
         };
         pool.reload(config, ring);
         pool

@@ -16,7 +16,7 @@ use super::{
 use crate::config::{KeysConfig, ProviderConfig};
 use crate::job::Strategy;
 use crate::keys::{ApiKey, KeyId};
-use crate::limits::{Admission, LimiterConfig, LocalLimiter, Now, Refusal, Ticket};
+use crate::limits::{Admission, Limiter, LimiterConfig, LocalLimiter, Now, Refusal, Ticket};
 use rand::Rng;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -37,27 +37,34 @@ pub(super) enum Loc {
 #[derive(Debug, Default)]
 pub(super) struct Pending {
     pub stats: StatsDelta,
-    pub daily: Vec<DailyDelta>,
+    /// The latest day's counts inline; earlier days (rare) in `older`.
+    pub today: DailyDelta,
+    pub older: Vec<DailyDelta>,
     /// `(day, interned model, counters)`.
     pub usage: Vec<(u64, u32, UsageDelta)>,
 }
 
+/// One key. `repr(C)` keeps the fields a selection touches together, at the
+/// front, to spare cache misses when there are thousands of keys.
+#[repr(C)]
 pub(super) struct Entry {
-    pub key: Arc<ApiKey>,
-    pub limiter: Box<dyn Admission>,
-    pub state: KeyState,
-    pub probing: bool,
-    pub retired: bool,
-    group: u32,
-    gpos: u32,
     loc: Loc,
     seq: u64,
     in_flight: u32,
+    /// `key.weight`, kept here to spare a pointer chase on the hot path.
+    weight: u32,
+    group: u32,
+    gpos: u32,
+    pub probing: bool,
+    pub retired: bool,
+    dirty: bool,
     /// Whether this key is counted in its group's `live`.
     counted_live: bool,
-    pub stats: KeyStats,
+    pub state: KeyState,
+    pub key: Arc<ApiKey>,
+    pub limiter: Limiter,
     pending: Pending,
-    dirty: bool,
+    pub stats: KeyStats,
 }
 
 impl Entry {
@@ -67,22 +74,39 @@ impl Entry {
             gpos: self.gpos,
             seq: self.seq,
             in_flight: self.in_flight,
-            weight: self.key.weight,
+            weight: self.weight,
         }
     }
 
     fn daily(&mut self, day: u64, requests: i64, tokens: i64) {
-        match self.pending.daily.iter_mut().find(|d| d.day == day) {
-            Some(d) => {
-                d.requests += requests;
-                d.tokens += tokens;
-            }
-            None => self.pending.daily.push(DailyDelta {
+        let p = &mut self.pending;
+        let d = if p.today.day == day || (p.today.requests == 0 && p.today.tokens == 0) {
+            p.today.day = day;
+            &mut p.today
+        } else if day > p.today.day {
+            p.older.push(p.today);
+            p.today = DailyDelta {
                 day,
-                requests,
-                tokens,
-            }),
-        }
+                requests: 0,
+                tokens: 0,
+            };
+            &mut p.today
+        } else {
+            match p.older.iter().position(|d| d.day == day) {
+                Some(i) => &mut p.older[i],
+                None => {
+                    p.older.push(DailyDelta {
+                        day,
+                        requests: 0,
+                        tokens: 0,
+                    });
+                    let last = p.older.len() - 1;
+                    &mut p.older[last]
+                }
+            }
+        };
+        d.requests += requests;
+        d.tokens += tokens;
     }
 }
 
@@ -164,7 +188,7 @@ pub(super) struct ProviderState {
     groups: Vec<Group>,
     group_of_models: HashMap<Vec<String>, u32>,
     /// Interned model names and, per model, the groups that serve it.
-    model_ids: HashMap<Box<str>, u32>,
+    model_ids: super::FnvMap<Box<str>, u32>,
     model_names: Vec<Arc<str>>,
     model_groups: Vec<Vec<u32>>,
     seq: u64,
@@ -196,7 +220,7 @@ impl ProviderState {
             by_instance: HashMap::new(),
             groups: Vec::new(),
             group_of_models: HashMap::new(),
-            model_ids: HashMap::new(),
+            model_ids: Default::default(),
             model_names: Vec::new(),
             model_groups: Vec::new(),
             seq: 0,
@@ -224,6 +248,7 @@ impl ProviderState {
                     self.uncount_live(idx);
                     let e = &mut self.keys[idx as usize];
                     e.key = Arc::new(key.clone());
+                    e.weight = key.weight;
                     e.limiter.reconfigure(cfg, now);
                     e.retired = false;
                     if self.groups[e.group as usize].models != models {
@@ -239,10 +264,11 @@ impl ProviderState {
                     let idx = self.keys.len() as u32;
                     self.keys.push(Entry {
                         key: Arc::new(key.clone()),
-                        limiter: Box::new(LocalLimiter::new(cfg, now)),
+                        limiter: Limiter::Local(LocalLimiter::new(cfg, now)),
                         state: KeyState::Available,
                         probing: false,
                         retired: false,
+                        weight: key.weight,
                         group: 0,
                         gpos: 0,
                         loc: Loc::Off,
@@ -492,7 +518,7 @@ impl ProviderState {
                     return Pick::Never(format!("pinned key {id} is disabled ({reason})"));
                 }
                 return match e.limiter.admit(now, req.tokens) {
-                    Ok(ticket) => self.grant(idx, ticket, true, now),
+                    Ok(ticket) => self.grant(idx, ticket, true),
                     Err(r) => self.pinned_refusal(&id, r, now),
                 };
             }
@@ -500,7 +526,7 @@ impl ProviderState {
             _ => {}
         }
         match e.limiter.admit(now, req.tokens) {
-            Ok(ticket) => self.grant(idx, ticket, false, now),
+            Ok(ticket) => self.grant(idx, ticket, false),
             Err(r) => self.pinned_refusal(&id, r, now),
         }
     }
@@ -543,12 +569,22 @@ impl ProviderState {
                 after = Some(idx);
                 let e = &mut self.keys[idx as usize];
                 match e.limiter.admit(now, req.tokens) {
-                    Ok(ticket) => return self.grant(idx, ticket, true, now),
+                    Ok(ticket) => return self.grant(idx, ticket, true),
                     Err(r) => note(&mut until, r.until()),
                 }
             }
         }
         let strategy = req.strategy.unwrap_or(self.settings.provider.strategy);
+        let keys = &self.keys;
+        let slot_of = |i: u32| keys[i as usize].slot(i);
+        for &g in groups {
+            let ready = &mut self.groups[g as usize].ready;
+            match strategy {
+                Strategy::RoundRobin => {}
+                Strategy::LeastLoaded => ready.ensure_load(slot_of),
+                Strategy::Random | Strategy::Weighted => ready.ensure_sampling(slot_of),
+            }
+        }
         if matches!(strategy, Strategy::Random | Strategy::Weighted) {
             match self.sample(groups, strategy == Strategy::Weighted, req, now) {
                 Ok(pick) => return pick,
@@ -733,7 +769,7 @@ impl ProviderState {
             }
             let Some(idx) = chosen else { break };
             match self.evaluate(idx, req.tokens, now) {
-                Eval::Grant(ticket) => return Ok(self.grant(idx, ticket, false, now)),
+                Eval::Grant(ticket) => return Ok(self.grant(idx, ticket, false)),
                 Eval::Skip { until: u, .. } => note(&mut until, u),
             }
         }
@@ -786,7 +822,7 @@ impl ProviderState {
             cursors[ci].1 = Some(k);
             let idx = k.2;
             match self.evaluate(idx, req.tokens, now) {
-                Eval::Grant(ticket) => break Ok(self.grant(idx, ticket, false, now)),
+                Eval::Grant(ticket) => break Ok(self.grant(idx, ticket, false)),
                 Eval::Skip { until: u, never } => {
                     note(&mut until, u);
                     nevers += u32::from(never);
@@ -798,10 +834,9 @@ impl ProviderState {
     }
 
     /// Books an admission on the key.
-    fn grant(&mut self, idx: u32, ticket: Ticket, probe: bool, now: Now) -> Pick {
+    fn grant(&mut self, idx: u32, ticket: Ticket, probe: bool) -> Pick {
         self.seq += 1;
         let seq = self.seq;
-        let tokens = ticket.tokens();
         self.touch(idx, |e| {
             e.seq = seq;
             e.in_flight += 1;
@@ -810,13 +845,8 @@ impl ProviderState {
             self.keys[idx as usize].probing = true;
             self.detach(idx);
         }
-        let e = &mut self.keys[idx as usize];
-        e.stats.requests += 1;
-        e.stats.last_used_ms = Some(now.unix_ms);
-        e.pending.stats.requests += 1;
-        e.pending.stats.last_used_ms = Some(now.unix_ms);
-        e.daily(now.day(), 1, tokens as i64);
-        self.mark_dirty(idx);
+        // Counters are booked when the call ends (see `release`): a grant
+        // touches only what selection needs.
         Pick::Granted { idx, ticket, probe }
     }
 
@@ -844,6 +874,8 @@ impl ProviderState {
         self.touch(idx, |e| e.in_flight = e.in_flight.saturating_sub(1));
         let charged = ticket.tokens();
         let charged_day = ticket.day();
+        let admitted = ticket.admitted();
+        let mut daily_tokens = charged;
         let day = now.day();
         let reprobe = self.settings.keys.reprobe_interval;
         let cooldown = self.settings.cooldown();
@@ -864,7 +896,8 @@ impl ProviderState {
                 let actual = usage_in + usage_out;
                 e.limiter.complete(ticket, now, Some(actual));
                 refund = actual < charged;
-                e.daily(charged_day, 0, actual as i64 - charged as i64);
+                // The day is charged the real usage instead of the estimate.
+                daily_tokens = actual;
                 e.stats.successes += 1;
                 e.stats.tokens_in += usage_in;
                 e.stats.tokens_out += usage_out;
@@ -933,9 +966,6 @@ impl ProviderState {
             Some(Fate::NotSent) => {
                 e.limiter.cancel(ticket, now);
                 refund = true;
-                e.stats.requests = e.stats.requests.saturating_sub(1);
-                e.pending.stats.requests -= 1;
-                e.daily(charged_day, -1, -(charged as i64));
             }
             None => {
                 e.limiter.complete(ticket, now, None);
@@ -943,6 +973,12 @@ impl ProviderState {
             }
         }
         if sent {
+            let used_ms = now.unix_ms_at(admitted);
+            e.stats.requests += 1;
+            e.stats.last_used_ms = e.stats.last_used_ms.max(Some(used_ms));
+            e.pending.stats.requests += 1;
+            e.pending.stats.last_used_ms = e.pending.stats.last_used_ms.max(Some(used_ms));
+            e.daily(charged_day, 1, daily_tokens as i64);
             usage_slot(&mut e.pending.usage, day, model).requests += 1;
         }
         if spent > 0.0 {
@@ -1034,10 +1070,14 @@ impl ProviderState {
             e.dirty = false;
             let p = std::mem::take(&mut e.pending);
             let names = &self.model_names;
+            let mut daily = p.older;
+            if p.today.requests != 0 || p.today.tokens != 0 {
+                daily.push(p.today);
+            }
             keys.push(KeyDelta {
                 id: e.key.id.clone(),
                 stats: p.stats,
-                daily: p.daily,
+                daily,
                 usage: p
                     .usage
                     .into_iter()
@@ -1181,3 +1221,4 @@ impl ProviderState {
         })
     }
 }
+#[cfg(test)] pub(super) type EntryForSize = Entry;

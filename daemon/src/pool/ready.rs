@@ -103,37 +103,77 @@ impl Fenwick {
     }
 }
 
+/// Ready keys. The least-recently-used order is always kept (it is also the
+/// membership set); the other orders are built the first time a strategy
+/// needs them and kept from then on, so the default strategy pays for one
+/// B-tree only.
 #[derive(Debug, Default)]
 pub(super) struct ReadySet {
     lru: BTreeSet<LruKey>,
-    load: BTreeSet<LoadKey>,
-    counts: Fenwick,
-    weights: Fenwick,
+    load: Option<BTreeSet<LoadKey>>,
+    counts: Option<Fenwick>,
+    weights: Option<Fenwick>,
 }
 
 impl ReadySet {
     pub fn insert(&mut self, s: Slot) {
         if self.lru.insert(s.lru()) {
-            self.load.insert(s.load());
-            self.counts.add(s.gpos as usize, 1);
-            self.weights.add(s.gpos as usize, s.weight as i64);
+            if let Some(load) = &mut self.load {
+                load.insert(s.load());
+            }
+            if let Some(c) = &mut self.counts {
+                c.add(s.gpos as usize, 1);
+            }
+            if let Some(w) = &mut self.weights {
+                w.add(s.gpos as usize, s.weight as i64);
+            }
         }
     }
 
     pub fn remove(&mut self, s: Slot) {
         if self.lru.remove(&s.lru()) {
-            self.load.remove(&s.load());
-            self.counts.add(s.gpos as usize, -1);
-            self.weights.add(s.gpos as usize, -(s.weight as i64));
+            if let Some(load) = &mut self.load {
+                load.remove(&s.load());
+            }
+            if let Some(c) = &mut self.counts {
+                c.add(s.gpos as usize, -1);
+            }
+            if let Some(w) = &mut self.weights {
+                w.add(s.gpos as usize, -(s.weight as i64));
+            }
         }
     }
 
     /// Re-keys a member whose last use or load changed (same position and weight).
     pub fn rekey(&mut self, old: Slot, new: Slot) {
-        if self.lru.remove(&old.lru()) {
+        if old.seq != new.seq && self.lru.remove(&old.lru()) {
             self.lru.insert(new.lru());
-            self.load.remove(&old.load());
-            self.load.insert(new.load());
+        }
+        if let Some(load) = &mut self.load {
+            if old.load() != new.load() && load.remove(&old.load()) {
+                load.insert(new.load());
+            }
+        }
+    }
+
+    /// Builds the least-loaded order if it is not kept yet.
+    pub fn ensure_load(&mut self, slot_of: impl Fn(u32) -> Slot) {
+        if self.load.is_none() {
+            self.load = Some(self.lru.iter().map(|&(_, i)| slot_of(i).load()).collect());
+        }
+    }
+
+    /// Builds the count and weight trees if they are not kept yet.
+    pub fn ensure_sampling(&mut self, slot_of: impl Fn(u32) -> Slot) {
+        if self.counts.is_none() {
+            let (mut c, mut w) = (Fenwick::default(), Fenwick::default());
+            for &(_, i) in &self.lru {
+                let s = slot_of(i);
+                c.add(s.gpos as usize, 1);
+                w.add(s.gpos as usize, s.weight as i64);
+            }
+            self.counts = Some(c);
+            self.weights = Some(w);
         }
     }
 
@@ -143,11 +183,12 @@ impl ReadySet {
     }
 
     pub fn len(&self) -> u64 {
-        self.counts.total()
+        self.lru.len() as u64
     }
 
+    /// Total weight (needs [`ReadySet::ensure_sampling`]).
     pub fn total_weight(&self) -> u64 {
-        self.weights.total()
+        self.weights.as_ref().map_or(0, Fenwick::total)
     }
 
     /// The least recently used member after `after`.
@@ -162,26 +203,26 @@ impl ReadySet {
         }
     }
 
-    /// The least loaded member after `after`.
+    /// The least loaded member after `after` (needs [`ReadySet::ensure_load`]).
     pub fn load_after(&self, after: Option<LoadKey>) -> Option<LoadKey> {
+        let load = self.load.as_ref()?;
         match after {
-            None => self.load.first().copied(),
-            Some(k) => self
-                .load
+            None => load.first().copied(),
+            Some(k) => load
                 .range((Bound::Excluded(k), Bound::Unbounded))
                 .next()
                 .copied(),
         }
     }
 
-    /// A member position, uniformly (`r < len`).
+    /// A member position, uniformly (`r < len`; needs [`ReadySet::ensure_sampling`]).
     pub fn pick_uniform(&self, r: u64) -> Option<usize> {
-        self.counts.find(r)
+        self.counts.as_ref()?.find(r)
     }
 
     /// A member position, by weight (`r < total_weight`).
     pub fn pick_weighted(&self, r: u64) -> Option<usize> {
-        self.weights.find(r)
+        self.weights.as_ref()?.find(r)
     }
 }
 
@@ -223,6 +264,9 @@ mod tests {
         };
         r.insert(a);
         r.insert(b);
+        let slots = [a, b];
+        r.ensure_load(|i| slots[i as usize]);
+        r.ensure_sampling(|i| slots[i as usize]);
         assert_eq!(r.lru_after(None), Some((2, 1)));
         assert_eq!(r.lru_after(Some((2, 1))), Some((5, 0)));
         assert_eq!(r.load_after(None), Some((0, 5, 0)));

@@ -6,6 +6,8 @@ use crate::error::{Error, Result};
 use crate::job::{parse_job, JobResult, Status};
 use crate::serve::Options;
 use std::io::Read;
+
+mod keys;
 use std::time::Duration;
 
 /// Runs the parsed command line.
@@ -81,14 +83,13 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Plugins(args) => plugins(g, args),
         Command::CheckConfig => check_config(g),
-        Command::Keys(_) | Command::Usage(_) | Command::Demo(_) => {
-            eprintln!("not yet implemented");
-            Ok(exit::FAILURE)
-        }
+        Command::Keys(args) => keys::keys(g, &options(g), args.action.as_ref()).await,
+        Command::Usage(args) => keys::usage(g, &options(g), args.since.as_deref()).await,
+        Command::Demo(args) => crate::demo::run(g, args).await,
     }
 }
 
-fn options(g: &GlobalArgs) -> Options {
+pub(crate) fn options(g: &GlobalArgs) -> Options {
     Options {
         config: g.config.clone(),
         env_file: g.env_file.clone(),
@@ -182,7 +183,7 @@ fn print_result(g: &GlobalArgs, r: &JobResult) -> i32 {
     }
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> String {
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
