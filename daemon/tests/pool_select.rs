@@ -560,7 +560,7 @@ fn snapshots_and_debug_output_never_show_a_secret() {
     assert_eq!(snap[0].window_requests, 1);
     assert_eq!(snap[0].window_tokens, 100);
     assert_eq!(snap[0].limits.rpm, Some(10));
-    assert_eq!(snap[0].stats.last_used_ms, Some(BASE_MS));
+    f.clock.advance(Duration::from_secs(2));
     p.report(Fate::Success {
         usage_in: 7,
         usage_out: 9,
@@ -568,6 +568,8 @@ fn snapshots_and_debug_output_never_show_a_secret() {
     });
     let s = f.pool.key_snapshot(&KeyId::new("groq", 0)).unwrap();
     assert_eq!((s.stats.tokens_in, s.stats.tokens_out), (7, 9));
+    // Last use is the call's start.
+    assert_eq!(s.stats.last_used_ms, Some(BASE_MS));
     assert_eq!((s.in_flight, s.day_tokens), (0, 16));
     assert_eq!(f.pool.spend_today("groq"), 0.25);
 }

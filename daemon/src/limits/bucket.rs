@@ -111,10 +111,6 @@ impl Bucket {
         }
     }
 
-    pub(crate) fn limit(&self) -> u64 {
-        self.limit
-    }
-
     fn run(&self, now: Duration, weight: u64, dry: bool) -> Result<(), Block> {
         if weight == 0 {
             return Ok(());

@@ -280,69 +280,111 @@ pub trait Admission: Send + fmt::Debug {
     fn config(&self) -> &LimiterConfig;
 }
 
-/// A per-window meter in one of the two shapes.
+/// The per-window limits (RPM, TPM) in one of the two shapes.
 #[derive(Debug)]
-enum Meter {
+enum Meters {
+    /// One log for both limits.
     Rolling(RollingLog),
-    /// Boxed: governor's limiter is large, and this shape is the rarer one.
-    Bucket(Box<Bucket>),
+    /// One GCRA per limit; boxed, as governor's limiter is large and this
+    /// shape is the rarer one.
+    Bucket {
+        requests: Option<Box<Bucket>>,
+        tokens: Option<Box<Bucket>>,
+    },
 }
 
-impl Meter {
-    fn new(shape: LimitShape, limit: u64, window: Duration, now: Duration) -> Meter {
-        match shape {
-            LimitShape::Rolling => Meter::Rolling(RollingLog::new(limit, window)),
-            LimitShape::TokenBucket => Meter::Bucket(Box::new(Bucket::new(limit, window, now))),
+impl Meters {
+    /// `None` when there is no per-window limit at all.
+    fn new(shape: LimitShape, eff: &Limits, window: Duration, now: Duration) -> Option<Meters> {
+        if eff.rpm.is_none() && eff.tpm.is_none() {
+            return None;
         }
+        Some(match shape {
+            LimitShape::Rolling => Meters::Rolling(RollingLog::new(eff.rpm, eff.tpm, window)),
+            LimitShape::TokenBucket => Meters::Bucket {
+                requests: eff.rpm.map(|n| Box::new(Bucket::new(n, window, now))),
+                tokens: eff.tpm.map(|n| Box::new(Bucket::new(n, window, now))),
+            },
+        })
     }
 
-    fn limit(&self) -> u64 {
+    fn check_requests(&mut self, now: Duration) -> Result<(), Block> {
         match self {
-            Meter::Rolling(r) => r.limit(),
-            Meter::Bucket(b) => b.limit(),
-        }
-    }
-
-    fn check(&mut self, now: Duration, weight: u64) -> Result<(), Block> {
-        match self {
-            Meter::Rolling(r) => r.check(now, weight),
-            Meter::Bucket(b) => b.check(now, weight),
-        }
-    }
-
-    fn take(&mut self, now: Duration, weight: u64) {
-        match self {
-            Meter::Rolling(r) => r.reserve(weight),
-            Meter::Bucket(b) => {
-                // Checked just before under the same lock and time: conforms.
-                let _ = b.take(now, weight);
+            Meters::Rolling(r) => r.check_requests(now),
+            Meters::Bucket { requests, .. } => {
+                requests.as_mut().map_or(Ok(()), |b| b.check(now, 1))
             }
         }
     }
 
-    fn complete(&mut self, weight: u64, admitted: Duration, now: Duration) {
-        if let Meter::Rolling(r) = self {
-            r.complete(weight, admitted, now);
-        }
-    }
-
-    fn cancel(&mut self, weight: u64) {
-        if let Meter::Rolling(r) = self {
-            r.cancel(weight);
-        }
-    }
-
-    fn used(&mut self, now: Duration) -> u64 {
+    fn check_tokens(&mut self, now: Duration, tokens: u64) -> Result<(), Block> {
         match self {
-            Meter::Rolling(r) => r.used(now),
-            Meter::Bucket(b) => b.used(now),
+            Meters::Rolling(r) => r.check_tokens(now, tokens),
+            Meters::Bucket { tokens: b, .. } => b.as_mut().map_or(Ok(()), |b| b.check(now, tokens)),
         }
     }
 
-    fn set_limit(&mut self, limit: u64, now: Duration) {
+    fn take(&mut self, now: Duration, tokens: u64) {
         match self {
-            Meter::Rolling(r) => r.set_limit(limit),
-            Meter::Bucket(b) => b.set_limit(limit, now),
+            Meters::Rolling(r) => r.reserve(tokens),
+            Meters::Bucket {
+                requests,
+                tokens: t,
+            } => {
+                // Checked just before, under the same lock and time: conforms.
+                if let Some(b) = requests {
+                    let _ = b.take(now, 1);
+                }
+                if let Some(b) = t {
+                    let _ = b.take(now, tokens);
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, tokens: u64, admitted: Duration, now: Duration) {
+        if let Meters::Rolling(r) = self {
+            r.complete(tokens, admitted, now);
+        }
+    }
+
+    fn cancel(&mut self, tokens: u64) {
+        if let Meters::Rolling(r) = self {
+            r.cancel(tokens);
+        }
+    }
+
+    /// `(requests, tokens)` in the window (rolling) or the buckets' debt.
+    fn used(&mut self, now: Duration) -> (u64, u64) {
+        match self {
+            Meters::Rolling(r) => r.used(now),
+            Meters::Bucket { requests, tokens } => (
+                requests.as_ref().map_or(0, |b| b.used(now)),
+                tokens.as_ref().map_or(0, |b| b.used(now)),
+            ),
+        }
+    }
+
+    /// New effective limits, keeping history.
+    fn set_limits(&mut self, eff: &Limits, window: Duration, now: Duration) {
+        fn retune(
+            b: &mut Option<Box<Bucket>>,
+            limit: Option<u64>,
+            window: Duration,
+            now: Duration,
+        ) {
+            match (b.as_mut(), limit) {
+                (Some(b), Some(n)) => b.set_limit(n, now),
+                (None, Some(n)) => *b = Some(Box::new(Bucket::new(n, window, now))),
+                (_, None) => *b = None,
+            }
+        }
+        match self {
+            Meters::Rolling(r) => r.set_limits(eff.rpm, eff.tpm),
+            Meters::Bucket { requests, tokens } => {
+                retune(requests, eff.rpm, window, now);
+                retune(tokens, eff.tpm, window, now);
+            }
         }
     }
 }
@@ -363,8 +405,7 @@ pub struct LocalLimiter {
     /// `cfg.limits` tightened by `learned` (kept, not recomputed per call).
     eff: Limits,
     in_flight: u32,
-    requests: Option<Meter>,
-    tokens: Option<Meter>,
+    meters: Option<Meters>,
     daily: Daily,
     /// The upstream said no requests / tokens remain until then.
     blocked_requests: Duration,
@@ -385,8 +426,7 @@ impl LocalLimiter {
             learned: Limits::default(),
             eff: cfg.limits,
             in_flight: 0,
-            requests: None,
-            tokens: None,
+            meters: None,
             daily: Daily {
                 day: now.day(),
                 ..Daily::default()
@@ -413,19 +453,16 @@ impl LocalLimiter {
     }
 
     fn build_meters(&mut self, now: Now) {
-        let eff = self.effective_limits();
-        let (shape, window) = (self.cfg.shape, self.cfg.window);
-        self.requests = eff.rpm.map(|n| Meter::new(shape, n, window, now.mono));
-        self.tokens = eff.tpm.map(|n| Meter::new(shape, n, window, now.mono));
+        self.meters = Meters::new(self.cfg.shape, &self.eff, self.cfg.window, now.mono);
     }
 
-    /// Applies a (possibly) changed effective limit to a meter, keeping history.
-    fn retune(meter: &mut Option<Meter>, limit: Option<u64>, cfg: &LimiterConfig, now: Now) {
-        match (meter.as_mut(), limit) {
-            (Some(m), Some(n)) if m.limit() != n => m.set_limit(n, now.mono),
-            (Some(_), Some(_)) => {}
-            (None, Some(n)) => *meter = Some(Meter::new(cfg.shape, n, cfg.window, now.mono)),
-            (_, None) => *meter = None,
+    /// Applies changed effective limits, keeping history.
+    fn retune(&mut self, now: Now) {
+        match self.meters.as_mut() {
+            Some(m) if self.eff.rpm.is_some() || self.eff.tpm.is_some() => {
+                m.set_limits(&self.eff, self.cfg.window, now.mono)
+            }
+            _ => self.build_meters(now),
         }
     }
 
@@ -459,8 +496,8 @@ impl Admission for LocalLimiter {
                 worst = Some((until, gate));
             }
         };
-        if let Some(m) = self.tokens.as_mut() {
-            match m.check(now.mono, tokens) {
+        if let Some(m) = self.meters.as_mut() {
+            match m.check_tokens(now.mono, tokens) {
                 Ok(()) => {}
                 Err(Block::Never(limit)) => {
                     return Err(Refusal::Never {
@@ -471,9 +508,7 @@ impl Admission for LocalLimiter {
                 }
                 Err(Block::Until(t)) => later(t, Gate::Tpm),
             }
-        }
-        if let Some(m) = self.requests.as_mut() {
-            match m.check(now.mono, 1) {
+            match m.check_requests(now.mono) {
                 Ok(()) => {}
                 // A zero rpm: nothing ever passes this key.
                 Err(Block::Never(limit)) => {
@@ -516,10 +551,7 @@ impl Admission for LocalLimiter {
     fn admit(&mut self, now: Now, tokens: u64) -> Result<Ticket, Refusal> {
         self.check(now, tokens)?;
         self.in_flight += 1;
-        if let Some(m) = self.requests.as_mut() {
-            m.take(now.mono, 1);
-        }
-        if let Some(m) = self.tokens.as_mut() {
+        if let Some(m) = self.meters.as_mut() {
             m.take(now.mono, tokens);
         }
         self.daily.requests += 1;
@@ -533,10 +565,7 @@ impl Admission for LocalLimiter {
 
     fn complete(&mut self, ticket: Ticket, now: Now, actual_tokens: Option<u64>) {
         self.in_flight = self.in_flight.saturating_sub(1);
-        if let Some(m) = self.requests.as_mut() {
-            m.complete(1, ticket.admitted, now.mono);
-        }
-        if let Some(m) = self.tokens.as_mut() {
+        if let Some(m) = self.meters.as_mut() {
             m.complete(ticket.tokens, ticket.admitted, now.mono);
         }
         self.roll_day(now);
@@ -549,10 +578,7 @@ impl Admission for LocalLimiter {
 
     fn cancel(&mut self, ticket: Ticket, now: Now) {
         self.in_flight = self.in_flight.saturating_sub(1);
-        if let Some(m) = self.requests.as_mut() {
-            m.cancel(1);
-        }
-        if let Some(m) = self.tokens.as_mut() {
+        if let Some(m) = self.meters.as_mut() {
             m.cancel(ticket.tokens);
         }
         self.roll_day(now);
@@ -587,19 +613,19 @@ impl Admission for LocalLimiter {
         }
         if changed {
             self.update_eff();
-            let eff = self.effective_limits();
-            Self::retune(&mut self.requests, eff.rpm, &self.cfg, now);
-            Self::retune(&mut self.tokens, eff.tpm, &self.cfg, now);
+            self.retune(now);
         }
     }
 
     fn usage(&mut self, now: Now) -> LimiterUsage {
         self.roll_day(now);
         let blocked = self.blocked_requests.max(self.blocked_tokens);
+        let (window_requests, window_tokens) =
+            self.meters.as_mut().map_or((0, 0), |m| m.used(now.mono));
         LimiterUsage {
             in_flight: self.in_flight,
-            window_requests: self.requests.as_mut().map_or(0, |m| m.used(now.mono)),
-            window_tokens: self.tokens.as_mut().map_or(0, |m| m.used(now.mono)),
+            window_requests,
+            window_tokens,
             day_requests: self.daily.requests,
             day_tokens: self.daily.tokens,
             limits: self.effective_limits(),
@@ -623,9 +649,7 @@ impl Admission for LocalLimiter {
         if rebuild {
             self.build_meters(now);
         } else {
-            let eff = self.effective_limits();
-            Self::retune(&mut self.requests, eff.rpm, &self.cfg, now);
-            Self::retune(&mut self.tokens, eff.tpm, &self.cfg, now);
+            self.retune(now);
         }
     }
 
@@ -638,6 +662,7 @@ impl Admission for LocalLimiter {
 /// pointer chase on the hot path), or any other [`Admission`] — e.g. one
 /// that admits against capacity leased from Redis.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // inline on purpose: the hot path reads it
 pub enum Limiter {
     Local(LocalLimiter),
     Custom(Box<dyn Admission>),

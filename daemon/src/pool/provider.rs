@@ -1221,4 +1221,3 @@ impl ProviderState {
         })
     }
 }
-#[cfg(test)] pub(super) type EntryForSize = Entry;

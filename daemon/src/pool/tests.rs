@@ -222,14 +222,3 @@ fn random_operations_keep_the_pool_consistent_and_never_miss_capacity() {
         "granted {granted}, waits {waits}, nevers {nevers}, probes {probes}"
     );
 }
-
-#[test]
-fn print_sizes() {
-    eprintln!(
-        "Entry {} LocalLimiter {} KeyStats {} KeyState {}",
-        std::mem::size_of::<provider::EntryForSize>(),
-        std::mem::size_of::<crate::limits::LocalLimiter>(),
-        std::mem::size_of::<KeyStats>(),
-        std::mem::size_of::<KeyState>()
-    );
-}
