@@ -69,6 +69,7 @@ impl Target {
             Goal::AtLeast(t) => ("≥", t),
         };
         match self.on {
+            On::Value if unit == "count" => format!("{op} {}", fmt_num(t, unit)),
             On::Value => format!("{op} {} {unit}", fmt_num(t, unit)),
             On::Ratio => format!("{op} {t:.2}×"),
         }
@@ -272,7 +273,7 @@ impl Summary {
         ];
         let mut lines: Vec<[String; 7]> = vec![header.map(str::to_owned)];
         for r in &self.rows {
-            let unit = if r.unit.is_empty() {
+            let unit = if r.unit.is_empty() || r.unit == "count" {
                 String::new()
             } else {
                 format!(" {}", r.unit)

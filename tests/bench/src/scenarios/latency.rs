@@ -2,12 +2,13 @@
 //! throughput with the mock answering after a fixed 50 ms. Each job's
 //! end-to-end time runs from the producer's clock at XADD to a tail of
 //! `llmq:results` seeing its entry. What the worker added is that, at each
-//! percentile, less the same percentile of direct calls to the mock at the
-//! same pace (the mock's own HTTP time and its ~0–1 ms tokio-timer overshoot
+//! percentile, less the median of direct calls to the mock at the
+//! same pace (the mock's own HTTP time and its 0–2 ms tokio-timer overshoot
 //! are there without any queue too); the raw `end-to-end − 50 ms` figures are
 //! in the notes. Idle pickup sends single jobs, spaced out, to an idle
-//! worker with the mock at 0 ms, and subtracts direct calls paced the same
-//! way. llmq and the baseline loop are measured one after the other.
+//! worker with the mock at 0 ms, and subtracts the median of direct calls
+//! paced the same way. llmq and the baseline loop are measured one after
+//! the other.
 
 use super::{bench_keys, open_mock, systems, Rig};
 use crate::error::{BenchError, Result};
@@ -61,8 +62,8 @@ pub async fn run(ctx: &mut Ctx) -> Vec<Row> {
             .target(Target::at_most(0.3))
             .note(format!(
                 "open loop at {rate:.0} jobs/s for {}s (first {}s not counted), concurrency {concurrency}, mock at {mock_ms} ms. \
-                 added = end-to-end percentile − the same percentile of a direct call to the mock at the same pace \
-                 (so the mock's HTTP and timer overshoot are not counted). {}",
+                 added = end-to-end percentile − the median direct call to the mock at the same pace \
+                 (the mock's HTTP time and timer overshoot are there without a queue too). {}",
                 ctx.sizes.latency_secs,
                 ctx.sizes.latency_warmup_secs,
                 open.raw(mock_ms as f64),
@@ -95,7 +96,7 @@ pub async fn run(ctx: &mut Ctx) -> Vec<Row> {
     }
     out.push(idle.row("idle pickup p50", 50.0).note(format!(
         "{} single jobs 5–25 ms apart to an idle queue, mock at 0 ms (first {IDLE_WARMUP} not counted); \
-         pickup = enqueue → result visible, less a direct call to the mock at that percentile. {}",
+         pickup = enqueue → result visible, less the median direct call to the mock. {}",
         ctx.sizes.idle_samples,
         idle.raw(0.0),
     )));
@@ -124,9 +125,11 @@ impl Sides {
         }
     }
 
-    /// Percentile `p` of `side` minus the same percentile of the direct calls.
+    /// Percentile `p` of `side` minus the median direct call: the typical
+    /// time of the upstream itself. Tail noise of the machine stays in the
+    /// figure (conservative), and shows in the baseline column too.
     fn added(&self, side: &Option<Vec<f64>>, p: f64) -> Option<f64> {
-        Some(percentile(side.as_ref()?, p)? - percentile(self.direct.as_ref()?, p)?)
+        Some(percentile(side.as_ref()?, p)? - percentile(self.direct.as_ref()?, 50.0)?)
     }
 
     fn row(&self, figure: &str, p: f64) -> Row {
