@@ -114,6 +114,10 @@ pub struct LimiterConfig {
     pub max_concurrent: Option<u32>,
     pub window: Duration,
     pub shape: LimitShape,
+    /// One call at a time until the key's first success (see
+    /// `LocalLimiter::proven`). On for every real key; limiter unit tests
+    /// switch it off to test the window shapes alone.
+    pub probation: bool,
 }
 
 impl Default for LimiterConfig {
@@ -123,6 +127,7 @@ impl Default for LimiterConfig {
             max_concurrent: None,
             window: DEFAULT_WINDOW,
             shape: LimitShape::Rolling,
+            probation: false,
         }
     }
 }
@@ -138,6 +143,7 @@ impl LimiterConfig {
                 .filter(|w| !w.is_zero())
                 .unwrap_or(DEFAULT_WINDOW),
             shape: provider.limit_shape,
+            probation: true,
         }
     }
 }
@@ -405,6 +411,11 @@ pub struct LocalLimiter {
     /// `cfg.limits` tightened by `learned` (kept, not recomputed per call).
     eff: Limits,
     in_flight: u32,
+    /// The key has answered a call successfully since it was loaded. Until
+    /// then it takes one call at a time: a bad key (invalid, out of credit)
+    /// costs exactly one upstream call however large the burst, because its
+    /// fate is known before a second call is admitted.
+    proven: bool,
     meters: Option<Meters>,
     daily: Daily,
     /// The upstream said no requests / tokens remain until then.
@@ -426,6 +437,7 @@ impl LocalLimiter {
             learned: Limits::default(),
             eff: cfg.limits,
             in_flight: 0,
+            proven: !cfg.probation,
             meters: None,
             daily: Daily {
                 day: now.day(),
@@ -540,7 +552,12 @@ impl Admission for LocalLimiter {
         if let Some((until, gate)) = worst {
             return Err(Refusal::Until { until, gate });
         }
-        if let Some(max) = self.cfg.max_concurrent {
+        let max = if self.proven {
+            self.cfg.max_concurrent
+        } else {
+            Some(1)
+        };
+        if let Some(max) = max {
             if self.in_flight >= max {
                 return Err(Refusal::Busy);
             }
@@ -565,6 +582,8 @@ impl Admission for LocalLimiter {
 
     fn complete(&mut self, ticket: Ticket, now: Now, actual_tokens: Option<u64>) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        // Usage is only known from a successful answer.
+        self.proven |= actual_tokens.is_some();
         if let Some(m) = self.meters.as_mut() {
             m.complete(ticket.tokens, ticket.admitted, now.mono);
         }

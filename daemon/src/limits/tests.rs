@@ -26,6 +26,7 @@ fn limiter(limits: Limits, shape: LimitShape) -> LocalLimiter {
             max_concurrent: None,
             window: W,
             shape,
+            probation: false,
         },
         at(0),
     )
@@ -481,4 +482,28 @@ fn unlimited_keys_always_pass() {
         }
     }
     assert_eq!(l.usage(at(0)).in_flight, 0);
+}
+
+#[test]
+fn an_unproven_key_takes_one_call_at_a_time_until_its_first_success() {
+    let mut l = LocalLimiter::new(
+        LimiterConfig {
+            max_concurrent: Some(5),
+            probation: true,
+            ..LimiterConfig::default()
+        },
+        at(0),
+    );
+    let first = l.admit(at(0), 10).unwrap();
+    // A burst cannot pile onto a key whose fate is unknown.
+    assert_eq!(l.check(at(0), 10), Err(Refusal::Busy));
+    // A failed call (no usage) does not prove the key.
+    l.complete(first, at(1), None);
+    let second = l.admit(at(1), 10).unwrap();
+    assert_eq!(l.check(at(1), 10), Err(Refusal::Busy));
+    // A success does: the configured cap applies from then on.
+    l.complete(second, at(2), Some(12));
+    let held: Vec<_> = (0..5).map(|_| l.admit(at(2), 10).unwrap()).collect();
+    assert_eq!(held.len(), 5);
+    assert_eq!(l.check(at(2), 10), Err(Refusal::Busy));
 }
