@@ -1,1 +1,536 @@
-//! keystore (in progress)
+//! Key-state persistence in Redis, so a restart keeps daily counters,
+//! cooldowns and disabled keys, and `llmq usage` has per-day numbers.
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `llmq:key:<id>` | hash | `status` (available, cooling, disabled), `until_ms`, `reason`, `since_ms`, `next_probe_ms` (Unix ms); lifetime counters `requests`, `successes`, `failures`, `fail:<kind>`, `rate_limited`, `tokens_in`, `tokens_out`, `cost_usd`, `last_used_ms` |
+//! | `llmq:daily:<YYYY-MM-DD>:<id>` | hash | `requests`, `tokens` of that UTC day; expires after 48 h |
+//! | `llmq:usage:<YYYY-MM-DD>` | hash | `<id>\|<model>\|requests`, `…\|tokens_in`, `…\|tokens_out`, `…\|cost_usd`; expires after 40 days |
+//! | `llmq:spend:<YYYY-MM-DD>` | hash | provider → USD; expires after 40 days |
+//! | `llmq:keyevents` | pub/sub | every state change as JSON (`id`, `status`, …) |
+//!
+//! State changes are rare and written at once, in wall-clock terms, so that
+//! another daemon (or `llmq keys` without one) can read them. Counters are
+//! accumulated in memory by the pool and flushed in one pipeline every
+//! `flush_every` (1 s) and at shutdown: the hot path never waits on Redis.
+//! Counters are increments (`HINCRBY`), so several daemons add up.
+//!
+//! Nothing here holds a secret: keys are named by id, values are numbers,
+//! model names and reasons.
+
+use crate::keys::KeyId;
+use crate::limits::{Now, DAY_MS};
+use crate::pool::{
+    Deltas, KeyEvent, KeyPool, KeyStats, KeyStatus, Restored, StateRecord, StatsDelta,
+};
+use crate::{Error, Result};
+use redis::aio::ConnectionManager;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// Channel on which state changes are published.
+pub const KEY_EVENTS_CHANNEL: &str = "llmq:keyevents";
+/// Daily counters outlive their day by a day (a late flush still lands).
+pub const DAILY_TTL_SECS: i64 = 48 * 3600;
+/// Usage and spend are kept for `llmq usage` over the last weeks.
+pub const USAGE_TTL_SECS: i64 = 40 * 24 * 3600;
+
+/// `llmq:key:<id>`.
+pub fn state_key(id: &KeyId) -> String {
+    format!("llmq:key:{id}")
+}
+
+/// `llmq:daily:<YYYY-MM-DD>:<id>`.
+pub fn daily_key(day: u64, id: &KeyId) -> String {
+    format!("llmq:daily:{}:{id}", day_string(day))
+}
+
+/// `llmq:usage:<YYYY-MM-DD>`.
+pub fn usage_key(day: u64) -> String {
+    format!("llmq:usage:{}", day_string(day))
+}
+
+/// `llmq:spend:<YYYY-MM-DD>`.
+pub fn spend_key(day: u64) -> String {
+    format!("llmq:spend:{}", day_string(day))
+}
+
+/// `YYYY-MM-DD` of a day number (days since 1970-01-01, UTC).
+pub fn day_string(day: u64) -> String {
+    // Howard Hinnant's civil_from_days.
+    let z = day as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The day number of a Unix-milliseconds time.
+pub fn day_of(unix_ms: u64) -> u64 {
+    unix_ms / DAY_MS
+}
+
+/// What [`KeyStore::load`] restored.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadReport {
+    /// Keys that had anything stored.
+    pub keys: usize,
+    pub cooling: Vec<KeyId>,
+    pub disabled: Vec<KeyId>,
+    /// Today's spend per provider (feed it to the budget gate too).
+    pub spend: BTreeMap<String, f64>,
+}
+
+/// One row of `llmq:usage:<day>`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct UsageRow {
+    pub day: String,
+    pub key: String,
+    pub provider: String,
+    pub model: String,
+    pub requests: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub cost_usd: f64,
+}
+
+/// Persists a [`KeyPool`]'s key states and counters in Redis.
+pub struct KeyStore {
+    conn: ConnectionManager,
+    pool: KeyPool,
+    flush_every: Duration,
+    /// Counters taken from the pool but not yet written (a failed flush is
+    /// retried with the next one). The lock also serialises flushes.
+    unflushed: tokio::sync::Mutex<Deltas>,
+    /// State writes that failed, latest per key, retried on every tick.
+    failed_states: std::sync::Mutex<HashMap<KeyId, KeyEvent>>,
+}
+
+impl std::fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyStore")
+            .field("flush_every", &self.flush_every)
+            .finish_non_exhaustive()
+    }
+}
+
+fn field<T: std::str::FromStr>(h: &HashMap<String, String>, name: &str) -> Option<T> {
+    h.get(name).and_then(|v| v.parse().ok())
+}
+
+fn parse_state(h: &HashMap<String, String>) -> Option<StateRecord> {
+    let status = KeyStatus::parse(h.get("status")?)?;
+    Some(StateRecord {
+        status,
+        until_ms: field(h, "until_ms"),
+        reason: h.get("reason").cloned(),
+        since_ms: field(h, "since_ms"),
+        next_probe_ms: field(h, "next_probe_ms"),
+    })
+}
+
+fn parse_stats(h: &HashMap<String, String>) -> Option<KeyStats> {
+    let n = |name: &str| field::<i64>(h, name).unwrap_or(0).max(0) as u64;
+    let stats = KeyStats {
+        requests: n("requests"),
+        successes: n("successes"),
+        failures: n("failures"),
+        failures_by_kind: h
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("fail:")?.to_string(), v.parse().ok()?)))
+            .collect(),
+        rate_limited: n("rate_limited"),
+        tokens_in: n("tokens_in"),
+        tokens_out: n("tokens_out"),
+        cost_usd: field(h, "cost_usd").unwrap_or(0.0),
+        last_used_ms: field(h, "last_used_ms"),
+    };
+    (stats != KeyStats::default()).then_some(stats)
+}
+
+/// Adds the commands writing one key's state to a pipeline.
+fn push_state(pipe: &mut redis::Pipeline, ev: &KeyEvent) {
+    let key = state_key(&ev.id);
+    let r = &ev.record;
+    pipe.cmd("HDEL")
+        .arg(&key)
+        .arg("until_ms")
+        .arg("reason")
+        .arg("since_ms")
+        .arg("next_probe_ms")
+        .ignore();
+    let mut set = redis::cmd("HSET");
+    set.arg(&key).arg("status").arg(r.status.as_str());
+    if let Some(v) = r.until_ms {
+        set.arg("until_ms").arg(v);
+    }
+    if let Some(v) = &r.reason {
+        set.arg("reason").arg(v);
+    }
+    if let Some(v) = r.since_ms {
+        set.arg("since_ms").arg(v);
+    }
+    if let Some(v) = r.next_probe_ms {
+        set.arg("next_probe_ms").arg(v);
+    }
+    pipe.add_command(set).ignore();
+    if let Ok(json) = serde_json::to_string(ev) {
+        pipe.cmd("PUBLISH")
+            .arg(KEY_EVENTS_CHANNEL)
+            .arg(json)
+            .ignore();
+    }
+}
+
+fn hincr(pipe: &mut redis::Pipeline, key: &str, field: &str, by: i64) {
+    if by != 0 {
+        pipe.cmd("HINCRBY").arg(key).arg(field).arg(by).ignore();
+    }
+}
+
+fn hincr_f(pipe: &mut redis::Pipeline, key: &str, field: &str, by: f64) {
+    if by != 0.0 {
+        pipe.cmd("HINCRBYFLOAT")
+            .arg(key)
+            .arg(field)
+            .arg(by)
+            .ignore();
+    }
+}
+
+fn push_stats(pipe: &mut redis::Pipeline, key: &str, s: &StatsDelta) {
+    hincr(pipe, key, "requests", s.requests);
+    hincr(pipe, key, "successes", s.successes as i64);
+    hincr(pipe, key, "failures", s.failures as i64);
+    for (kind, n) in &s.failures_by_kind {
+        hincr(pipe, key, &format!("fail:{kind}"), *n as i64);
+    }
+    hincr(pipe, key, "rate_limited", s.rate_limited as i64);
+    hincr(pipe, key, "tokens_in", s.tokens_in as i64);
+    hincr(pipe, key, "tokens_out", s.tokens_out as i64);
+    hincr_f(pipe, key, "cost_usd", s.cost_usd);
+    if let Some(ms) = s.last_used_ms {
+        pipe.cmd("HSET")
+            .arg(key)
+            .arg("last_used_ms")
+            .arg(ms)
+            .ignore();
+    }
+}
+
+/// The whole flush as one pipeline; `None` when there is nothing to write.
+fn flush_pipeline(d: &Deltas) -> Option<redis::Pipeline> {
+    if d.is_empty() {
+        return None;
+    }
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let mut expire: BTreeMap<String, i64> = BTreeMap::new();
+    for k in &d.keys {
+        push_stats(&mut pipe, &state_key(&k.id), &k.stats);
+        for daily in &k.daily {
+            let key = daily_key(daily.day, &k.id);
+            hincr(&mut pipe, &key, "requests", daily.requests);
+            hincr(&mut pipe, &key, "tokens", daily.tokens);
+            expire.insert(key, DAILY_TTL_SECS);
+        }
+        for u in &k.usage {
+            let key = usage_key(u.day);
+            let prefix = format!("{}|{}|", k.id, u.model);
+            hincr(
+                &mut pipe,
+                &key,
+                &format!("{prefix}requests"),
+                u.requests as i64,
+            );
+            hincr(
+                &mut pipe,
+                &key,
+                &format!("{prefix}tokens_in"),
+                u.tokens_in as i64,
+            );
+            hincr(
+                &mut pipe,
+                &key,
+                &format!("{prefix}tokens_out"),
+                u.tokens_out as i64,
+            );
+            hincr_f(&mut pipe, &key, &format!("{prefix}cost_usd"), u.cost_usd);
+            expire.insert(key, USAGE_TTL_SECS);
+        }
+    }
+    for s in &d.spend {
+        let key = spend_key(s.day);
+        hincr_f(&mut pipe, &key, &s.provider, s.usd);
+        expire.insert(key, USAGE_TTL_SECS);
+    }
+    for (key, ttl) in expire {
+        pipe.cmd("EXPIRE").arg(key).arg(ttl).ignore();
+    }
+    Some(pipe)
+}
+
+impl KeyStore {
+    pub fn new(conn: ConnectionManager, pool: KeyPool) -> KeyStore {
+        KeyStore {
+            conn,
+            pool,
+            flush_every: Duration::from_secs(1),
+            unflushed: tokio::sync::Mutex::new(Deltas::default()),
+            failed_states: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Connects to `url` with a reconnecting [`ConnectionManager`].
+    pub async fn connect(url: &str, pool: KeyPool) -> Result<KeyStore> {
+        let client = redis::Client::open(url)?;
+        Ok(KeyStore::new(client.get_connection_manager().await?, pool))
+    }
+
+    /// How often counters are flushed (default 1 s).
+    pub fn with_flush_every(mut self, every: Duration) -> KeyStore {
+        self.flush_every = every.max(Duration::from_millis(1));
+        self
+    }
+
+    fn now(&self) -> Now {
+        Now::of(&**self.pool.clock())
+    }
+
+    /// Restores into the pool what Redis knows about its keys: states,
+    /// lifetime counters, today's daily counters, and today's spend.
+    pub async fn load(&self) -> Result<LoadReport> {
+        let now = self.now();
+        let day = now.day();
+        let ids = self.pool.key_ids();
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HGETALL").arg(state_key(id));
+            pipe.cmd("HGETALL").arg(daily_key(day, id));
+        }
+        pipe.cmd("HGETALL").arg(spend_key(day));
+        let mut conn = self.conn.clone();
+        let mut hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+        let spend = hashes.pop().unwrap_or_default();
+        let mut report = LoadReport::default();
+        for (id, pair) in ids.iter().zip(hashes.chunks(2)) {
+            let [state, daily] = pair else { continue };
+            let restored = Restored {
+                state: parse_state(state),
+                stats: parse_stats(state),
+                daily: (!daily.is_empty()).then(|| {
+                    let n = |f: &str| field::<i64>(daily, f).unwrap_or(0).max(0) as u64;
+                    (n("requests"), n("tokens"))
+                }),
+            };
+            if restored == Restored::default() {
+                continue;
+            }
+            report.keys += 1;
+            match restored.state.as_ref().map(|s| s.to_state(now)) {
+                Some(crate::pool::KeyState::CoolingDown { .. }) => report.cooling.push(id.clone()),
+                Some(crate::pool::KeyState::Disabled { .. }) => report.disabled.push(id.clone()),
+                _ => {}
+            }
+            // The id came from the pool a moment ago; a reload in between
+            // only means there is nothing left to restore.
+            let _ = self.pool.restore(id, restored);
+        }
+        for (provider, usd) in spend {
+            if let Ok(usd) = usd.parse::<f64>() {
+                self.pool.restore_spend(&provider, usd);
+                report.spend.insert(provider, usd);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Writes one state change (and publishes it).
+    pub async fn write_state(&self, ev: &KeyEvent) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        push_state(&mut pipe, ev);
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn write_or_keep(&self, ev: KeyEvent) {
+        if let Err(e) = self.write_state(&ev).await {
+            tracing::warn!(key = %ev.id, error = %e, "key state not written to redis; will retry");
+            self.lock_failed().insert(ev.id.clone(), ev);
+        }
+    }
+
+    fn lock_failed(&self) -> std::sync::MutexGuard<'_, HashMap<KeyId, KeyEvent>> {
+        self.failed_states.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn retry_failed_states(&self) {
+        let failed: Vec<KeyEvent> = self.lock_failed().drain().map(|(_, ev)| ev).collect();
+        for ev in failed {
+            // A newer failure for the same key supersedes this one.
+            let id = ev.id.clone();
+            if self.write_state(&ev).await.is_err() {
+                self.lock_failed().entry(id).or_insert(ev);
+            }
+        }
+    }
+
+    /// Writes the counters accumulated since the last flush, in one
+    /// pipeline. Returns how many keys it covered.
+    pub async fn flush(&self) -> Result<usize> {
+        let mut unflushed = self.unflushed.lock().await;
+        unflushed.append(self.pool.take_deltas());
+        let Some(pipe) = flush_pipeline(&unflushed) else {
+            return Ok(0);
+        };
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        let n = unflushed.keys.len();
+        *unflushed = Deltas::default();
+        Ok(n)
+    }
+
+    /// Writes state changes as they come and flushes counters every
+    /// `flush_every`, until `shutdown` resolves; then drains and flushes once
+    /// more. Redis errors are logged and retried, never fatal.
+    pub async fn run(
+        &self,
+        mut events: UnboundedReceiver<KeyEvent>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<()> {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(self.flush_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                ev = events.recv() => match ev {
+                    Some(ev) => self.write_or_keep(ev).await,
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    self.retry_failed_states().await;
+                    if let Err(e) = self.flush().await {
+                        tracing::warn!(error = %e, "key counters not flushed to redis; will retry");
+                    }
+                }
+            }
+        }
+        while let Ok(ev) = events.try_recv() {
+            self.write_or_keep(ev).await;
+        }
+        self.retry_failed_states().await;
+        self.flush().await?;
+        match self.lock_failed().len() {
+            0 => Ok(()),
+            n => Err(Error::Other(format!(
+                "{n} key state change(s) could not be written to redis"
+            ))),
+        }
+    }
+
+    /// Subscribes to the pool's state changes and runs in a task.
+    pub fn spawn(
+        self: Arc<Self>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<Result<()>> {
+        let events = self.pool.subscribe_events();
+        tokio::spawn(async move { self.run(events, shutdown).await })
+    }
+
+    /// A key's stored state, as another daemon or the CLI sees it.
+    pub async fn read_state(
+        conn: &mut ConnectionManager,
+        id: &KeyId,
+    ) -> Result<Option<StateRecord>> {
+        let h: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(state_key(id))
+            .query_async(conn)
+            .await?;
+        Ok(parse_state(&h))
+    }
+
+    /// Usage of one day (`YYYY-MM-DD`), one row per key and model.
+    pub async fn read_usage(conn: &mut ConnectionManager, day: &str) -> Result<Vec<UsageRow>> {
+        let h: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(format!("llmq:usage:{day}"))
+            .query_async(conn)
+            .await?;
+        let mut rows: BTreeMap<(String, String), UsageRow> = BTreeMap::new();
+        for (f, v) in &h {
+            let mut parts = f.rsplitn(3, '|');
+            let (Some(what), Some(model), Some(key)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let row = rows
+                .entry((key.to_string(), model.to_string()))
+                .or_insert_with(|| UsageRow {
+                    day: day.to_string(),
+                    key: key.to_string(),
+                    provider: key.rsplit_once('#').map_or(key, |(p, _)| p).to_string(),
+                    model: model.to_string(),
+                    ..UsageRow::default()
+                });
+            match what {
+                "requests" => row.requests = v.parse().unwrap_or(0),
+                "tokens_in" => row.tokens_in = v.parse().unwrap_or(0),
+                "tokens_out" => row.tokens_out = v.parse().unwrap_or(0),
+                "cost_usd" => row.cost_usd = v.parse().unwrap_or(0.0),
+                _ => {}
+            }
+        }
+        Ok(rows.into_values().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn day_strings_are_utc_calendar_dates() {
+        assert_eq!(day_string(0), "1970-01-01");
+        assert_eq!(day_string(day_of(1_714_521_600_000)), "2024-05-01");
+        assert_eq!(day_string(day_of(951_782_400_000)), "2000-02-29");
+        assert_eq!(day_string(day_of(4_102_444_799_000)), "2099-12-31");
+    }
+
+    #[test]
+    fn a_state_hash_round_trips() {
+        let h: HashMap<String, String> = [
+            ("status", "disabled"),
+            ("reason", "auth_failed"),
+            ("since_ms", "5"),
+            ("next_probe_ms", "9"),
+            ("requests", "3"),
+            ("fail:auth_failed", "1"),
+            ("cost_usd", "0.5"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = parse_state(&h).unwrap();
+        assert_eq!(s.status, KeyStatus::Disabled);
+        assert_eq!(
+            (s.reason.as_deref(), s.since_ms, s.next_probe_ms, s.until_ms),
+            (Some("auth_failed"), Some(5), Some(9), None)
+        );
+        let st = parse_stats(&h).unwrap();
+        assert_eq!((st.requests, st.cost_usd), (3, 0.5));
+        assert_eq!(st.failures_by_kind["auth_failed"], 1);
+        assert!(parse_state(&HashMap::new()).is_none());
+        assert!(parse_stats(&HashMap::new()).is_none());
+    }
+}
