@@ -100,6 +100,8 @@ pub struct Sizes {
     pub latency_rate: Option<f64>,
     /// Jobs sent one at a time to an idle queue.
     pub idle_samples: usize,
+    /// How long an idle worker settles before its RSS is read (ms).
+    pub mem_settle_ms: u64,
     /// Jobs in flight at once in the loaded memory run.
     pub mem_in_flight: usize,
     /// Mock latency of the loaded memory run.
@@ -132,6 +134,7 @@ impl Sizes {
             latency_fallback_rate: 5_000.0,
             latency_rate: None,
             idle_samples: 300,
+            mem_settle_ms: 1_000,
             mem_in_flight: 10_000,
             mem_latency_ms: 1_000,
             redis_mem_jobs: 10_000,
@@ -150,12 +153,13 @@ impl Sizes {
             burn_jobs: 500,
             burn_keys: 10,
             concurrency: 64,
-            latency_secs: 1.0,
-            latency_warmup_secs: 0.2,
+            latency_secs: 0.6,
+            latency_warmup_secs: 0.1,
             latency_mock_ms: 50,
             latency_fallback_rate: 200.0,
             latency_rate: None,
-            idle_samples: 20,
+            idle_samples: 15,
+            mem_settle_ms: 200,
             mem_in_flight: 200,
             mem_latency_ms: 300,
             redis_mem_jobs: 1_000,

@@ -13,8 +13,6 @@ use llmq_mock::MockServer;
 use std::time::{Duration, Instant};
 
 const NAME: &str = "memory";
-/// How long an idle worker settles before its RSS is read.
-const SETTLE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 struct Mem {
@@ -107,7 +105,7 @@ async fn rss(ctx: &Ctx, system: System, mock: &MockServer) -> Result<Mem> {
     worker
         .wait_ready(&mut rig.conn, Duration::from_secs(30))
         .await?;
-    tokio::time::sleep(SETTLE).await;
+    tokio::time::sleep(Duration::from_millis(ctx.sizes.mem_settle_ms)).await;
     worker.check_alive()?;
     let idle = worker.rss_kib()?;
     mock.reset_stats();
