@@ -65,7 +65,33 @@ fn pool(n: usize, s: &Scenario) -> (KeyPool, Option<ManualClock>) {
     }
 }
 
+/// Gives every key its first success (a new key takes one call at a time
+/// until then).
+fn prove(pool: &KeyPool, n: usize) {
+    for i in 0..n as u32 {
+        let id = KeyId::new("bench", i);
+        let req = AcquireRequest {
+            provider: "bench",
+            model: "a",
+            tokens: 1,
+            strategy: None,
+            pinned: Some(&id),
+            instance: None,
+        };
+        if let Acquire::Granted(p) = pool.try_acquire(&req) {
+            p.report(Fate::Success {
+                usage_in: 1,
+                usage_out: 0,
+                cost_usd: 0.0,
+            });
+        }
+    }
+}
+
 fn pct(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
@@ -74,6 +100,7 @@ struct Stats([u32; 5], f64);
 
 fn run(n: usize, s: &Scenario) -> Stats {
     let (pool, clock) = pool(n, s);
+    prove(&pool, n);
     let req = AcquireRequest {
         provider: "bench",
         model: "b",

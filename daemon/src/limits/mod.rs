@@ -402,25 +402,27 @@ struct Daily {
     tokens: u64,
 }
 
-/// The in-process [`Admission`]: exact, all in memory.
+/// The in-process [`Admission`]: exact, all in memory. `repr(C)` keeps the
+/// fields every check reads together, first.
 #[derive(Debug)]
+#[repr(C)]
 pub struct LocalLimiter {
-    cfg: LimiterConfig,
-    /// Limits the upstream reported stricter than `cfg` (rpm and tpm).
-    learned: Limits,
-    /// `cfg.limits` tightened by `learned` (kept, not recomputed per call).
-    eff: Limits,
     in_flight: u32,
     /// The key has answered a call successfully since it was loaded. Until
     /// then it takes one call at a time: a bad key (invalid, out of credit)
     /// costs exactly one upstream call however large the burst, because its
     /// fate is known before a second call is admitted.
     proven: bool,
+    /// `cfg.limits` tightened by `learned` (kept, not recomputed per call).
+    eff: Limits,
     meters: Option<Meters>,
     daily: Daily,
     /// The upstream said no requests / tokens remain until then.
     blocked_requests: Duration,
     blocked_tokens: Duration,
+    cfg: LimiterConfig,
+    /// Limits the upstream reported stricter than `cfg` (rpm and tpm).
+    learned: Limits,
 }
 
 fn stricter(configured: Option<u64>, learned: Option<u64>) -> Option<u64> {
