@@ -722,3 +722,28 @@ fn four_keys_at_30_rpm_and_one_invalid_key_serve_200_calls_in_60_s() {
     }
     assert_eq!(f.clock.now(), Duration::from_secs(60));
 }
+
+#[test]
+fn a_late_failure_does_not_undo_an_operators_disable() {
+    let f = fixture(provider(Limits::default()), keys(1));
+    let id = KeyId::new("groq", 0);
+    prove(&f, 1);
+    let b = granted(f.pool.try_acquire(&req("m")));
+    let c = granted(f.pool.try_acquire(&req("m")));
+    f.pool.disable(&id, "operator").unwrap();
+    b.report(Fate::RateLimited {
+        retry_after: Some(Duration::from_secs(1)),
+    });
+    c.report(Fate::Disabled {
+        reason: AUTH_FAILED.into(),
+    });
+    match f.pool.state(&id).unwrap() {
+        KeyState::Disabled {
+            reason, next_probe, ..
+        } => assert_eq!((reason.as_str(), next_probe), ("operator", None)),
+        other => panic!("{other:?}"),
+    }
+    // Still disabled long after any probe would have run.
+    f.clock.advance(Duration::from_secs(24 * 3600));
+    assert!(matches!(f.pool.try_acquire(&req("m")), Acquire::Never(_)));
+}

@@ -886,6 +886,9 @@ impl ProviderState {
         if probe {
             e.probing = false;
         }
+        // A call that was in flight when the key got disabled (by another
+        // call or the operator) does not change that state; only the probe does.
+        let settled = !probe && matches!(e.state, KeyState::Disabled { .. });
         let sent = !matches!(fate, Some(Fate::NotSent));
         match fate {
             Some(Fate::Success {
@@ -925,18 +928,20 @@ impl ProviderState {
                 if let KeyState::CoolingDown { until: u } = e.state {
                     until = until.max(u);
                 }
-                if e.state != (KeyState::CoolingDown { until }) {
+                if !settled && e.state != (KeyState::CoolingDown { until }) {
                     new_state = Some(KeyState::CoolingDown { until });
                 }
             }
             Some(Fate::Disabled { reason }) => {
                 e.limiter.complete(ticket, now, None);
                 count_failure(e, &reason);
-                new_state = Some(KeyState::Disabled {
-                    reason,
-                    since_ms: now.unix_ms,
-                    next_probe: Some(now.mono + reprobe),
-                });
+                if !settled {
+                    new_state = Some(KeyState::Disabled {
+                        reason,
+                        since_ms: now.unix_ms,
+                        next_probe: Some(now.mono + reprobe),
+                    });
+                }
             }
             Some(Fate::Transient) => {
                 e.limiter.complete(ticket, now, None);
