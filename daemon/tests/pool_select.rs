@@ -747,3 +747,33 @@ fn a_late_failure_does_not_undo_an_operators_disable() {
     f.clock.advance(Duration::from_secs(24 * 3600));
     assert!(matches!(f.pool.try_acquire(&req("m")), Acquire::Never(_)));
 }
+
+#[test]
+fn a_late_restore_does_not_override_a_fresher_state() {
+    use llmq::pool::{Restored, StateRecord};
+    let f = fixture(provider(Limits::default()), keys(2));
+    let (a, b) = (KeyId::new("groq", 0), KeyId::new("groq", 1));
+    f.pool.disable(&a, "operator").unwrap();
+    let stored = || Restored {
+        state: Some(StateRecord {
+            status: KeyStatus::Cooling,
+            until_ms: Some(BASE_MS + 5_000),
+            ..StateRecord::available()
+        }),
+        stats: None,
+        daily: Some((3, 300)),
+    };
+    f.pool.restore(&a, stored()).unwrap();
+    f.pool.restore(&b, stored()).unwrap();
+    assert!(matches!(
+        f.pool.state(&a).unwrap(),
+        KeyState::Disabled { .. }
+    ));
+    assert_eq!(
+        f.pool.state(&b).unwrap(),
+        KeyState::CoolingDown {
+            until: Duration::from_secs(5)
+        }
+    );
+    assert_eq!(f.pool.key_snapshot(&a).unwrap().day_requests, 3);
+}

@@ -789,7 +789,9 @@ impl KeyPool {
         d
     }
 
-    /// Applies what storage knew about a key (at start).
+    /// Applies what storage knew about a key (at start, or later if Redis
+    /// was unreachable then): counters add up; the stored state applies
+    /// unless this run already moved the key out of `Available`.
     pub fn restore(&self, id: &KeyId, restored: Restored) -> Result<(), PoolError> {
         self.with_key(id, |st, idx, now| st.restore(idx, restored, now))?;
         self.inner.signal();

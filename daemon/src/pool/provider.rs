@@ -1124,9 +1124,13 @@ impl ProviderState {
                 .limiter
                 .restore_daily(now, requests, tokens);
         }
+        // A state set in this run (the restore may come late, after Redis
+        // was unreachable at start) is fresher than the stored one.
         if let Some(record) = restored.state {
-            let state = record.to_state(now);
-            self.set_state(idx, state, now, false);
+            if self.keys[idx as usize].state == KeyState::Available {
+                let state = record.to_state(now);
+                self.set_state(idx, state, now, false);
+            }
         }
     }
 }
