@@ -1,6 +1,9 @@
 //! The daemon's control surface: the [`AdminBackend`] the admin API serves,
-//! implemented over the live executor, key pool, queue and Redis. It also
-//! converts internal snapshots into the views the API and CLI print.
+//! implemented over the live executor, key pool, keystore, queue and Redis.
+//! It also converts internal snapshots into the views the API and CLI print.
+//! Operator actions (reset, disable) are persisted through the keystore
+//! before they are answered; usage is read from the keystore's day hashes
+//! after a flush, so it includes the calls of the last second.
 
 use crate::admin::{
     AdminBackend, AdminError, KeyLimits, KeyStatus as ViewStatus, KeyView, LaneDepth, QueueView,
@@ -8,7 +11,9 @@ use crate::admin::{
 };
 use crate::executor::Executor;
 use crate::keys::KeyId;
-use crate::pool::{KeySnapshot, KeyStatus};
+use crate::keystore::{day_of, day_string, KeyStore, USAGE_TTL_SECS};
+use crate::limits::Now;
+use crate::pool::{KeyEvent, KeySnapshot, KeyStatus, StateRecord};
 use futures::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use std::sync::Arc;
@@ -17,6 +22,7 @@ use std::time::Duration;
 /// The live daemon, as the admin API sees it.
 pub struct Control {
     pub executor: Arc<Executor>,
+    pub keystore: Arc<KeyStore>,
     pub redis: ConnectionManager,
     pub lanes: Vec<String>,
     pub unix_ms: Arc<dyn Fn() -> u64 + Send + Sync>,
@@ -63,10 +69,39 @@ pub fn key_view(s: &KeySnapshot, now_ms: u64) -> KeyView {
     }
 }
 
+/// Days since 1970-01-01 of a `YYYY-MM-DD` day (UTC).
+fn day_number(day: &str) -> Option<u64> {
+    let mut parts = day.splitn(3, '-');
+    let year: i32 = parts.next()?.parse().ok()?;
+    let month: u8 = parts.next()?.parse().ok()?;
+    let dom: u8 = parts.next()?.parse().ok()?;
+    let date =
+        time::Date::from_calendar_date(year, time::Month::try_from(month).ok()?, dom).ok()?;
+    let epoch = time::Date::from_calendar_date(1970, time::Month::January, 1).ok()?;
+    u64::try_from((date - epoch).whole_days()).ok()
+}
+
 impl Control {
     fn parse_id(id: &str) -> Result<KeyId, AdminError> {
         id.parse::<KeyId>()
             .map_err(|_| AdminError::NotFound(format!("no key {id:?} (ids look like groq#2)")))
+    }
+
+    /// Writes a key's current state to Redis now, so the answer to an
+    /// operator action means it is persisted. A failure is logged; the
+    /// keystore also gets the pool's event and retries it.
+    async fn persist(&self, id: &KeyId) {
+        let pool = self.executor.runtime().pool.clone();
+        let Ok(state) = pool.state(id) else { return };
+        let now = Now::of(&**pool.clock());
+        let event = KeyEvent {
+            id: id.clone(),
+            record: StateRecord::of(&state, now),
+            at_ms: now.unix_ms,
+        };
+        if let Err(e) = self.keystore.write_state(&event).await {
+            tracing::warn!(key = %id, error = %e, "key state not written to redis yet; the keystore retries");
+        }
     }
 
     fn view(&self, id: &KeyId) -> Result<KeyView, AdminError> {
@@ -101,6 +136,7 @@ impl AdminBackend for Control {
                 .pool
                 .reset(&key)
                 .map_err(|e| AdminError::NotFound(e.to_string()))?;
+            self.persist(&key).await;
             self.view(&key)
         })
     }
@@ -115,6 +151,7 @@ impl AdminBackend for Control {
                 .pool
                 .disable(&key, &reason)
                 .map_err(|e| AdminError::NotFound(e.to_string()))?;
+            self.persist(&key).await;
             self.view(&key)
         })
     }
@@ -122,8 +159,37 @@ impl AdminBackend for Control {
     fn usage(&self, since: Option<&str>) -> BoxFuture<'_, Result<Vec<UsageRow>, AdminError>> {
         let since = since.map(str::to_string);
         Box::pin(async move {
-            let _ = since;
-            Ok(Vec::new())
+            // Counters reach Redis once a second; flush so the answer is current.
+            if let Err(e) = self.keystore.flush().await {
+                tracing::debug!(error = %e, "usage: counters not flushed first");
+            }
+            let today = day_of((self.unix_ms)());
+            let kept = (USAGE_TTL_SECS / 86_400) as u64;
+            let oldest = today.saturating_sub(kept);
+            let first = match since.as_deref() {
+                Some(day) => day_number(day)
+                    .ok_or_else(|| AdminError::BadRequest(format!("bad day {day:?}")))?
+                    .max(oldest),
+                None => oldest,
+            };
+            let mut conn = self.redis.clone();
+            let mut rows = Vec::new();
+            for day in first..=today {
+                let stored = KeyStore::read_usage(&mut conn, &day_string(day))
+                    .await
+                    .map_err(|e| AdminError::Unavailable(e.to_string()))?;
+                rows.extend(stored.into_iter().map(|r| UsageRow {
+                    day: r.day,
+                    key: r.key,
+                    provider: r.provider,
+                    model: r.model,
+                    requests: r.requests,
+                    tokens_in: r.tokens_in,
+                    tokens_out: r.tokens_out,
+                    cost_usd: r.cost_usd,
+                }));
+            }
+            Ok(rows)
         })
     }
 
@@ -157,7 +223,8 @@ impl AdminBackend for Control {
                     .iter()
                     .map(|l| LaneDepth {
                         lane: l.lane.clone(),
-                        depth: l.depth,
+                        // Waiting, not yet delivered (running ones are `in_flight`).
+                        depth: l.waiting,
                     })
                     .collect(),
                 delayed: stats.delayed,
@@ -215,5 +282,20 @@ impl AdminBackend for Control {
 
     fn cluster(&self) -> BoxFuture<'_, Result<serde_json::Value, AdminError>> {
         Box::pin(async move { Ok(serde_json::json!([])) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::day_number;
+    use crate::keystore::day_string;
+
+    #[test]
+    fn day_numbers_round_trip_with_the_keystore_days() {
+        for day in [0u64, 19_844, 20_000, 47_481] {
+            assert_eq!(day_number(&day_string(day)), Some(day));
+        }
+        assert_eq!(day_number("1969-12-31"), None);
+        assert_eq!(day_number("2024-02-30"), None);
     }
 }

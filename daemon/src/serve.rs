@@ -1,21 +1,28 @@
 //! `llmq serve`: wires the modules into a running daemon.
 //!
-//! Start-up order: config → env/keys → plugins → key pool (+ state restored
-//! from Redis) → routes → executor → queue → admin API → READY. Then it waits
-//! for signals: SIGTERM/SIGINT drain and stop, SIGHUP reloads keys and config
-//! without dropping a job (jobs in flight keep the runtime they started with).
+//! Start-up order: config → env/keys → plugins → key pool → key state
+//! restored from Redis (keystore) → routes → executor → queue → admin API →
+//! READY. Then it waits for signals: SIGTERM/SIGINT drain and stop, SIGHUP
+//! reloads keys and config without dropping a job (jobs in flight keep the
+//! runtime they started with). While it runs, the keystore writes key state
+//! changes at once and flushes counters every second; after the drain it
+//! flushes them once more. Each finished job is logged once (id, lane,
+//! route, key id — never a key).
 
 use crate::budget::Budgets;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::executor::{Executor, ExecutorHandler, Runtime};
+use crate::job::Job;
 use crate::keys::{load_keys, EnvSource, KeyRing};
+use crate::keystore::KeyStore;
 use crate::plugin_host::PluginHost;
 use crate::pool::KeyPool;
-use crate::queue::Queue;
+use crate::queue::{Disposition, JobContext, JobHandler, Queue};
 use crate::router::RouteTable;
 use crate::upstream::{Upstream, DEFAULT_TIMEOUT};
+use futures::future::{BoxFuture, FutureExt};
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -124,7 +131,19 @@ pub struct Daemon {
     pub queue: Queue,
     pub settings: Settings,
     pub clock: SharedClock,
+    /// Key states and counters in Redis (restored at start, flushed while
+    /// running and once more after the drain).
+    pub keystore: Arc<KeyStore>,
+    /// The keystore's state was restored at start (else [`Daemon::run`]
+    /// restores it before taking any job).
+    restored: bool,
 }
+
+/// How long start-up waits for Redis to restore key state before it goes
+/// on and lets [`Daemon::run`] retry (jobs wait for that restore).
+const RESTORE_AT_START: Duration = Duration::from_secs(2);
+/// How long the final flush of key counters may take after the drain.
+const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
 /// Starts everything but the queue loop (so callers can reach the parts).
 pub async fn start(opts: &Options) -> Result<Daemon> {
@@ -138,10 +157,14 @@ pub async fn start(opts: &Options) -> Result<Daemon> {
         &settings.ring,
         clock.clone(),
     ));
+    // Connections are lazy: a Redis that is down now is retried.
+    let queue = Queue::connect(&settings.config).await?;
+    let keystore = Arc::new(KeyStore::new(queue.connection(), (*pool).clone()));
+    // Daily counters, cooldowns and disabled keys come back before routing.
+    let restored = restore_once(&keystore, RESTORE_AT_START).await;
     let runtime = build_runtime(&settings, pool.clone(), plugins, &clock)?;
     let upstream = Upstream::new(DEFAULT_TIMEOUT).map_err(|e| Error::Other(e.to_string()))?;
     let executor = Arc::new(Executor::new(runtime, upstream, clock.clone()));
-    let queue = Queue::connect(&settings.config).await?;
     tracing::info!(
         keys = settings.ring.len(),
         routes = executor.runtime().router.routes().len(),
@@ -154,14 +177,140 @@ pub async fn start(opts: &Options) -> Result<Daemon> {
         queue,
         settings,
         clock,
+        keystore,
+        restored,
     })
 }
 
+/// One attempt to restore key state from Redis; false when Redis did not
+/// answer in time.
+async fn restore_once(keystore: &KeyStore, within: Duration) -> bool {
+    match tokio::time::timeout(within, keystore.load()).await {
+        Ok(Ok(report)) => {
+            tracing::info!(
+                keys = report.keys,
+                cooling = report.cooling.len(),
+                disabled = report.disabled.len(),
+                "key state restored from redis"
+            );
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "key state not restored yet (redis); jobs wait for it");
+            false
+        }
+        Err(_) => {
+            tracing::warn!("key state not restored yet (redis timed out); jobs wait for it");
+            false
+        }
+    }
+}
+
 impl Daemon {
-    /// Runs until `shutdown` resolves, then drains and flushes state.
+    /// Runs until `shutdown` resolves: restores key state if start-up could
+    /// not, persists key state changes and counters while jobs run, then
+    /// drains in-flight jobs and flushes the counters one last time.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
-        let handler = Arc::new(ExecutorHandler(self.executor.clone()));
-        self.queue.run(handler, shutdown).await
+        let shutdown = shutdown.boxed().shared();
+        if !self.restored && !self.restore_until_ok(shutdown.clone()).await {
+            return Ok(());
+        }
+        let (flush_tx, flush_rx) = tokio::sync::oneshot::channel::<()>();
+        let keystore = self.keystore.clone().spawn(async move {
+            let _ = flush_rx.await;
+        });
+        let handler = Arc::new(LoggedHandler(ExecutorHandler(self.executor.clone())));
+        let result = self.queue.run(handler, shutdown).await;
+        // Only now: the drained jobs' counters are in this last flush.
+        let _ = flush_tx.send(());
+        match tokio::time::timeout(FINAL_FLUSH, keystore).await {
+            Ok(Ok(Ok(()))) => tracing::info!("key state and counters flushed to redis"),
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "final key state flush incomplete"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "keystore task failed"),
+            Err(_) => tracing::warn!("final key counter flush timed out (redis unreachable?)"),
+        }
+        result
+    }
+
+    /// Retries the restore until it works (true) or `shutdown` (false).
+    async fn restore_until_ok(&self, shutdown: impl Future<Output = ()>) -> bool {
+        tokio::pin!(shutdown);
+        let mut pause = Duration::from_millis(250);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return false,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            if restore_once(&self.keystore, RESTORE_AT_START).await {
+                let rt = self.executor.runtime();
+                let now = self.clock.unix_ms();
+                for (provider, _, _) in rt.budgets.snapshot(now) {
+                    rt.budgets
+                        .load_spent(&provider, self.pool.spend_today(&provider), now);
+                }
+                return true;
+            }
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// The executor's handler plus one log line per finished job: its id,
+/// lane, attempt, status and the route and key id that served it (never
+/// the key itself).
+struct LoggedHandler(ExecutorHandler);
+
+impl JobHandler for LoggedHandler {
+    fn run(&self, job: Job, ctx: JobContext) -> BoxFuture<'static, Disposition> {
+        let id = job.id.clone();
+        let lane = ctx.lane.clone();
+        let attempt = ctx.attempt;
+        let run = self.0.run(job, ctx);
+        Box::pin(async move {
+            let disposition = run.await;
+            log_disposition(&id, &lane, attempt, &disposition);
+            disposition
+        })
+    }
+}
+
+fn log_disposition(id: &str, lane: &str, attempt: u32, d: &Disposition) {
+    match d {
+        Disposition::Done(r) => {
+            let error = r.error.as_ref().map(|e| e.kind.as_str());
+            tracing::info!(
+                job = %id,
+                lane,
+                attempt,
+                status = r.status.as_str(),
+                provider = r.provider.as_deref(),
+                model = r.model.as_deref(),
+                key = r.key.as_deref(),
+                attempts = r.attempts.len(),
+                models = r.responses.as_ref().map(Vec::len),
+                error,
+                queued_ms = r.queued_ms,
+                duration_ms = r.duration_ms,
+                "job finished"
+            );
+        }
+        Disposition::Retry {
+            reason, attempts, ..
+        } => tracing::info!(
+            job = %id,
+            lane,
+            attempt,
+            attempts = attempts.len(),
+            reason = %reason,
+            "job will be retried"
+        ),
+        Disposition::DeadLetter { reason, .. } => tracing::warn!(
+            job = %id,
+            lane,
+            attempt,
+            reason = %reason,
+            "job dead-lettered"
+        ),
     }
 }
 
@@ -314,6 +463,7 @@ async fn spawn_admin(
     let clock = daemon.clock.clone();
     let control = crate::control::Control {
         executor: daemon.executor.clone(),
+        keystore: daemon.keystore.clone(),
         redis: daemon.queue.connection(),
         lanes: daemon.settings.config.queue.lanes.clone(),
         unix_ms: Arc::new(move || clock.unix_ms()),

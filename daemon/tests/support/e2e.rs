@@ -185,3 +185,119 @@ pub fn tail(s: &str, n: usize) -> String {
 pub fn eventually(timeout: Duration, what: &str, f: impl FnMut() -> bool) {
     wait_until(timeout, what, f)
 }
+
+// ---- Admin API helpers (operate-it tests) ----
+
+/// The config with the admin API listening on `listen` (e.g. `127.0.0.1:PORT`).
+pub fn with_admin(config: &str, listen: &str) -> String {
+    let from = "[admin]\nlisten = \"\"\n";
+    assert!(
+        config.contains(from),
+        "config has no [admin] section to fill"
+    );
+    config.replacen(from, &format!("[admin]\nlisten = \"{listen}\"\n"), 1)
+}
+
+/// A client of a running daemon's admin API.
+#[derive(Clone)]
+pub struct Admin {
+    pub base: String,
+    pub token: Option<String>,
+    client: reqwest::Client,
+}
+
+/// One admin answer: status and body text.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+    pub www_authenticate: Option<String>,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+impl Admin {
+    /// A client for `http://<listen>` with this bearer token (or none).
+    pub fn new(listen: &str, token: Option<&str>) -> Admin {
+        Admin {
+            base: format!("http://{listen}"),
+            token: token.map(str::to_string),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("reqwest client"),
+        }
+    }
+
+    /// The same daemon with another token (or none).
+    pub fn with_token(&self, token: Option<&str>) -> Admin {
+        Admin {
+            token: token.map(str::to_string),
+            ..self.clone()
+        }
+    }
+
+    /// Sends `method path` with an optional JSON body.
+    pub async fn call(&self, method: &str, path: &str, body: Option<&serde_json::Value>) -> Answer {
+        let url = format!("{}{path}", self.base);
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("HTTP method");
+        let mut req = self.client.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
+        let status = resp.status().as_u16();
+        let www_authenticate = resp
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = resp.text().await.unwrap_or_default();
+        Answer {
+            status,
+            body,
+            www_authenticate,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.call("GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Option<&serde_json::Value>) -> Answer {
+        self.call("POST", path, body).await
+    }
+
+    /// Waits until `/healthz` answers (the daemon is up and serving).
+    pub async fn wait_up(&self, daemon: &mut DaemonProcess, timeout: Duration) {
+        let start = std::time::Instant::now();
+        let url = format!("{}/healthz", self.base);
+        loop {
+            if let Ok(r) = self.client.get(&url).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if !daemon.is_running() || start.elapsed() > timeout {
+                panic!(
+                    "admin API not up at {url} after {:?}; daemon log:\n{}",
+                    start.elapsed(),
+                    tail(&daemon.log(), 60)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A free `127.0.0.1:PORT` for the admin API.
+pub fn free_listen() -> String {
+    format!("127.0.0.1:{}", llmq_testkit::free_port())
+}
