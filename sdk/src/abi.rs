@@ -182,17 +182,21 @@ fn err_json(err: &PluginError) -> RawResult {
     }
 }
 
-fn panic_result(payload: Box<dyn std::any::Any + Send>) -> RawResult {
-    let msg = if let Some(s) = payload.downcast_ref::<&str>() {
+/// The text of a panic payload (`panic!("…")` carries a `&str` or a `String`).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
         s.clone()
     } else {
         "plugin panicked".to_string()
-    };
+    }
+}
+
+fn panic_result(payload: Box<dyn std::any::Any + Send>) -> RawResult {
     RawResult {
         status: STATUS_PANIC,
-        buf: into_raw(msg.into_bytes()),
+        buf: into_raw(panic_message(payload.as_ref()).into_bytes()),
     }
 }
 

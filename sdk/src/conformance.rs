@@ -1,4 +1,4 @@
-//! The conformance kit: checks a plugin `.so` against recorded fixtures.
+//! The conformance kit: checks a plugin against recorded fixtures.
 //!
 //! A plugin author keeps a folder of fixtures, one JSON file per case:
 //!
@@ -11,19 +11,48 @@
 //! - `call` is `parse` or `prepare`; `input` is a [`crate::HttpResponse`] or a
 //!   [`crate::PrepareInput`].
 //! - `expect` is matched as a JSON *subset* of the answer: every field given
-//!   must be present and equal, fields not given are not checked. For
-//!   `prepare`, `expect.headers` is an object matched case-insensitively
-//!   against the header list, `expect.body` is matched against the body parsed
-//!   as JSON, and `expect.url_excludes` lists strings the URL must not contain.
-//! - `"expect_error": true` instead of `expect` says the call must be refused.
+//!   must be present and equal, fields not given are not checked. An expected
+//!   `null` also passes when the field is absent, which is how a fixture says
+//!   "no hint" (`"retry_after_ms": null`): the SDK types leave out empty
+//!   optional fields. For `prepare`, `expect.headers` is an object matched
+//!   case-insensitively against the header list, `expect.absent_headers`
+//!   lists headers that must not be sent, `expect.body` is matched against the
+//!   body parsed as JSON, and `expect.url_excludes` lists strings the URL must
+//!   not contain.
+//! - `"expect_error": true` instead of `expect` says the call must be refused
+//!   (a [`crate::PluginError`]; a panic is never a refusal).
 //!
-//! Run it from a test with [`check_plugin`], or from the command line with
-//! `llmq plugins --check DIR`.
+//! # Running it
+//!
+//! - [`check_plugin`] (feature `host`) loads the built `cdylib` and runs every
+//!   fixture through the C ABI, as `llmq plugins --check DIR` does;
+//!   [`cdylib_path`] finds the library that `cargo test` built next to the
+//!   test binary.
+//! - [`check_direct`] calls a [`Plugin`] implementation directly (the rlib, no
+//!   loading, no `host` feature), for quick unit tests; panics are caught and
+//!   reported as failures.
+//! - [`missing_outcome_kinds`] names the outcome kinds no `parse` fixture
+//!   expects, so a test can insist that every kind is covered.
+//!
+//! ```ignore
+//! // tests/conformance.rs of a plugin crate (dev-dependency: llmq-sdk, features = ["host"])
+//! use llmq_sdk::conformance::{cdylib_path, check_direct, check_plugin, load_fixtures, missing_outcome_kinds};
+//!
+//! let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+//! let report = check_plugin(&cdylib_path(env!("CARGO_PKG_NAME")).unwrap(), &dir).unwrap();
+//! assert!(report.ok(), "{report}");
+//! let report = check_direct::<MyPlugin>(&dir).unwrap();
+//! assert!(report.ok(), "{report}");
+//! assert_eq!(missing_outcome_kinds(&load_fixtures(&dir).unwrap()), Vec::<&str>::new());
+//! ```
 
+#[cfg(feature = "host")]
 use crate::host::{CallError, LoadedPlugin};
-use crate::types::{HttpResponse, PrepareInput};
-use serde::Deserialize;
+use crate::types::{HttpResponse, Manifest, Outcome, PluginError, PrepareInput};
+use crate::Plugin;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// One recorded case.
@@ -84,10 +113,13 @@ impl std::fmt::Display for Report {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConformanceError {
+    #[cfg(feature = "host")]
     #[error(transparent)]
     Load(#[from] crate::host::LoadError),
     #[error("fixtures {path}: {reason}")]
     Fixtures { path: PathBuf, reason: String },
+    #[error("plugin library {file}: {reason}")]
+    Library { file: String, reason: String },
 }
 
 /// Loads every `*.json` fixture in `dir`, sorted by file name.
@@ -121,6 +153,7 @@ pub fn load_fixtures(dir: &Path) -> Result<Vec<(PathBuf, Fixture)>, ConformanceE
 }
 
 /// Loads the plugin at `so` and checks its manifest and every fixture in `dir`.
+#[cfg(feature = "host")]
 pub fn check_plugin(so: &Path, dir: &Path) -> Result<Report, ConformanceError> {
     let plugin = LoadedPlugin::load(so)?;
     let fixtures = load_fixtures(dir)?;
@@ -128,30 +161,165 @@ pub fn check_plugin(so: &Path, dir: &Path) -> Result<Report, ConformanceError> {
 }
 
 /// Checks an already loaded plugin against fixtures.
+#[cfg(feature = "host")]
 pub fn check_loaded(plugin: &LoadedPlugin, fixtures: &[(PathBuf, Fixture)]) -> Report {
+    check_with(plugin.manifest(), plugin.path(), fixtures, |fx| {
+        run_fixture(plugin, fx)
+    })
+}
+
+/// Runs one fixture through a loaded plugin; `Err` says what differed.
+#[cfg(feature = "host")]
+pub fn run_fixture(plugin: &LoadedPlugin, fx: &Fixture) -> Result<(), String> {
+    fn answer<T: Serialize>(result: Result<T, CallError>) -> Answer {
+        match result {
+            Ok(v) => Answer::Value(serde_json::to_value(v).unwrap_or(Value::Null)),
+            Err(e @ CallError::Refused { .. }) => Answer::Refused(e.to_string()),
+            Err(e) => Answer::Broken(e.to_string()),
+        }
+    }
+    run_with(
+        fx,
+        |resp| answer(plugin.parse(resp)),
+        |inp| answer(plugin.prepare(inp)),
+    )
+}
+
+/// Checks the plugin `P` itself (no `.so`, no C ABI): its manifest and every
+/// fixture in `dir`. The same matching as [`check_plugin`], for the rlib.
+pub fn check_direct<P: Plugin>(dir: &Path) -> Result<Report, ConformanceError> {
+    let fixtures = load_fixtures(dir)?;
+    let manifest = P::manifest();
+    Ok(check_with(
+        &manifest,
+        Path::new("Plugin::manifest()"),
+        &fixtures,
+        run_fixture_direct::<P>,
+    ))
+}
+
+/// Runs one fixture through `P` directly; `Err` says what differed.
+pub fn run_fixture_direct<P: Plugin>(fx: &Fixture) -> Result<(), String> {
+    fn answer<T: Serialize>(call: &str, f: impl FnOnce() -> Result<T, PluginError>) -> Answer {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(Ok(v)) => Answer::Value(serde_json::to_value(v).unwrap_or(Value::Null)),
+            Ok(Err(e)) => Answer::Refused(format!("plugin refused {call}: {e}")),
+            Err(payload) => Answer::Broken(format!(
+                "plugin panicked in {call}: {}",
+                crate::abi::panic_message(payload.as_ref())
+            )),
+        }
+    }
+    run_with(
+        fx,
+        |resp| answer("parse", || P::parse(resp)),
+        |inp| answer("prepare", || P::prepare(inp)),
+    )
+}
+
+/// The outcome kinds ([`Outcome::KINDS`]) that no `parse` fixture expects,
+/// in declaration order: empty when the fixtures cover every kind.
+pub fn missing_outcome_kinds(fixtures: &[(PathBuf, Fixture)]) -> Vec<&'static str> {
+    let covered: BTreeSet<&str> = fixtures
+        .iter()
+        .filter(|(_, fx)| fx.call == "parse")
+        .filter_map(|(_, fx)| fx.expect.as_ref()?["outcome"]["kind"].as_str())
+        .collect();
+    Outcome::KINDS
+        .into_iter()
+        .filter(|kind| !covered.contains(kind))
+        .collect()
+}
+
+/// The `cdylib` of the crate `crate_name` (`-` or `_` alike) that this
+/// `cargo test` run built. Test binaries live in `target/<profile>/deps/`,
+/// and `cargo test` leaves the fresh cdylib there too; `cargo build` copies
+/// it one level up, where an older copy may linger. So: the newer of the two,
+/// `deps/` on a tie.
+pub fn cdylib_path(crate_name: &str) -> Result<PathBuf, ConformanceError> {
+    let file = format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        crate_name.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    );
+    let err = |reason: String| ConformanceError::Library {
+        file: file.clone(),
+        reason,
+    };
+    let exe = std::env::current_exe().map_err(|e| err(format!("no current_exe: {e}")))?;
+    let deps = exe
+        .parent()
+        .ok_or_else(|| err(format!("{} has no parent dir", exe.display())))?;
+    newest_in(
+        &[Some(deps), deps.parent()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
+        &file,
+    )
+    .ok_or_else(|| {
+        err(format!(
+            "not found next to {} (does the crate build a cdylib?)",
+            exe.display()
+        ))
+    })
+}
+
+/// The newest `dir/file` among `dirs`; the earlier dir wins a tie.
+fn newest_in(dirs: &[&Path], file: &str) -> Option<PathBuf> {
+    dirs.iter()
+        .map(|dir| dir.join(file))
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let modified = std::fs::metadata(&p)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+            (modified, p)
+        })
+        .reduce(|best, next| if next.0 > best.0 { next } else { best })
+        .map(|(_, p)| p)
+}
+
+/// What one call answered, before it is matched against its fixture.
+enum Answer {
+    /// The call returned this (as JSON).
+    Value(Value),
+    /// The plugin refused the input: what `expect_error` asks for.
+    Refused(String),
+    /// The call broke (a panic, garbage across the ABI): never a pass.
+    Broken(String),
+}
+
+/// The manifest check plus one result per fixture.
+fn check_with(
+    manifest: &Manifest,
+    manifest_file: &Path,
+    fixtures: &[(PathBuf, Fixture)],
+    run: impl Fn(&Fixture) -> Result<(), String>,
+) -> Report {
     let mut report = Report {
-        plugin: plugin.name().to_string(),
+        plugin: manifest.name.clone(),
         ..Report::default()
     };
-    let m = plugin.manifest();
     let mut manifest_problems = Vec::new();
-    if m.version.is_empty() {
+    if manifest.version.is_empty() {
         manifest_problems.push("manifest.version is empty");
     }
-    if m.protocols.is_empty() {
+    if manifest.protocols.is_empty() {
         manifest_problems.push("manifest.protocols is empty");
     }
     if manifest_problems.is_empty() {
         report.passed += 1;
     } else {
         report.failures.push(Failure {
-            file: plugin.path().to_path_buf(),
+            file: manifest_file.to_path_buf(),
             name: "manifest".into(),
             reason: manifest_problems.join("; "),
         });
     }
     for (file, fx) in fixtures {
-        match run_fixture(plugin, fx) {
+        match run(fx) {
             Ok(()) => report.passed += 1,
             Err(reason) => report.failures.push(Failure {
                 file: file.clone(),
@@ -163,22 +331,22 @@ pub fn check_loaded(plugin: &LoadedPlugin, fixtures: &[(PathBuf, Fixture)]) -> R
     report
 }
 
-/// Runs one fixture; `Err` says what differed.
-pub fn run_fixture(plugin: &LoadedPlugin, fx: &Fixture) -> Result<(), String> {
-    let answer: Result<Value, CallError> = match fx.call.as_str() {
+/// Decodes the fixture's input, makes the call it names and matches the answer.
+fn run_with(
+    fx: &Fixture,
+    parse: impl FnOnce(&HttpResponse) -> Answer,
+    prepare: impl FnOnce(&PrepareInput) -> Answer,
+) -> Result<(), String> {
+    let answer = match fx.call.as_str() {
         "parse" => {
             let resp: HttpResponse = serde_json::from_value(fx.input.clone())
                 .map_err(|e| format!("input is not an HttpResponse: {e}"))?;
-            plugin
-                .parse(&resp)
-                .map(|p| serde_json::to_value(p).unwrap_or(Value::Null))
+            parse(&resp)
         }
         "prepare" => {
             let inp: PrepareInput = serde_json::from_value(fx.input.clone())
                 .map_err(|e| format!("input is not a PrepareInput: {e}"))?;
-            plugin
-                .prepare(&inp)
-                .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+            prepare(&inp)
         }
         other => {
             return Err(format!(
@@ -187,11 +355,11 @@ pub fn run_fixture(plugin: &LoadedPlugin, fx: &Fixture) -> Result<(), String> {
         }
     };
     match (answer, fx.expect_error) {
-        (Err(CallError::Refused { .. }), true) => Ok(()),
-        (Err(e), true) => Err(format!("expected a refusal, got {e}")),
-        (Ok(v), true) => Err(format!("expected a refusal, got {v}")),
-        (Err(e), false) => Err(e.to_string()),
-        (Ok(actual), false) => {
+        (Answer::Refused(_), true) => Ok(()),
+        (Answer::Broken(e), true) => Err(format!("expected a refusal, got {e}")),
+        (Answer::Value(v), true) => Err(format!("expected a refusal, got {v}")),
+        (Answer::Refused(e) | Answer::Broken(e), false) => Err(e),
+        (Answer::Value(actual), false) => {
             let expect = fx
                 .expect
                 .as_ref()
@@ -319,5 +487,176 @@ mod tests {
         assert!(match_prepare(&ok, &actual).is_ok());
         let bad = json!({"url_excludes": ["alt="]});
         assert!(match_prepare(&bad, &actual).is_err());
+    }
+
+    #[test]
+    fn expected_null_passes_when_absent_but_not_when_set() {
+        let a = json!({"outcome": {"kind": "rate_limited"}});
+        let no_hint = json!({"outcome": {"kind": "rate_limited", "retry_after_ms": null}});
+        assert!(json_subset(&no_hint, &a, "$").is_ok());
+        let a = json!({"outcome": {"kind": "rate_limited", "retry_after_ms": 5}});
+        assert!(json_subset(&no_hint, &a, "$").is_err());
+    }
+
+    /// A toy plugin: the model name picks what `prepare` does.
+    struct Toy;
+
+    impl Plugin for Toy {
+        fn manifest() -> Manifest {
+            Manifest {
+                name: "toy".into(),
+                version: "1".into(),
+                protocols: vec!["toy".into()],
+                providers: vec![],
+            }
+        }
+        fn prepare(input: &PrepareInput) -> Result<crate::HttpRequest, PluginError> {
+            match input.request.model.as_str() {
+                "refuse" => Err(PluginError::new("no such thing")),
+                "panic" => panic!("toy prepare blew up"),
+                model => Ok(crate::HttpRequest {
+                    method: "POST".into(),
+                    url: format!("{}/{model}", input.provider.base_url),
+                    headers: vec![("X-Key".into(), input.api_key.clone().unwrap_or_default())],
+                    body: json!({"model": model}).to_string(),
+                }),
+            }
+        }
+        fn parse(resp: &HttpResponse) -> Result<crate::Parsed, PluginError> {
+            Ok(crate::Parsed::new(match resp.status {
+                200 => Outcome::Success {
+                    text: resp.body.clone(),
+                    usage: crate::Usage::default(),
+                    finish_reason: None,
+                },
+                429 => Outcome::RateLimited {
+                    retry_after_ms: None,
+                },
+                _ => Outcome::Transient,
+            }))
+        }
+    }
+
+    fn prepare_fixture(model: &str, expect: Option<Value>) -> Value {
+        let input = json!({"request": {"model": model, "messages": []}, "api_key": "k1",
+            "provider": {"name": "toy", "base_url": "http://toy"}});
+        match expect {
+            Some(e) => json!({"name": model, "call": "prepare", "input": input, "expect": e}),
+            None => json!({"name": model, "call": "prepare", "input": input, "expect_error": true}),
+        }
+    }
+
+    fn write_fixtures(cases: &[Value]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, case) in cases.iter().enumerate() {
+            std::fs::write(dir.path().join(format!("{i:02}.json")), case.to_string()).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn check_direct_runs_every_fixture_through_the_plugin() {
+        let dir = write_fixtures(&[
+            json!({"name": "ok", "call": "parse", "input": {"status": 200, "body": "hi"},
+                "expect": {"outcome": {"kind": "success", "text": "hi"}}}),
+            json!({"name": "slow down", "call": "parse", "input": {"status": 429},
+                "expect": {"outcome": {"kind": "rate_limited", "retry_after_ms": null}}}),
+            prepare_fixture(
+                "m1",
+                Some(json!({"url": "http://toy/m1", "headers": {"x-key": "k1"},
+                    "body": {"model": "m1"}, "url_excludes": ["k1"], "absent_headers": ["authorization"]})),
+            ),
+            prepare_fixture("refuse", None),
+        ]);
+        let report = check_direct::<Toy>(dir.path()).unwrap();
+        assert!(report.ok(), "{report}");
+        assert_eq!(report.plugin, "toy");
+        assert_eq!(
+            report.passed,
+            1 + 4,
+            "the manifest check plus every fixture"
+        );
+    }
+
+    #[test]
+    fn check_direct_reports_mismatches_panics_and_wrong_refusals() {
+        let dir = write_fixtures(&[
+            json!({"name": "wrong kind", "call": "parse", "input": {"status": 500},
+                "expect": {"outcome": {"kind": "success"}}}),
+            prepare_fixture("panic", None),
+            prepare_fixture("m1", None),
+            prepare_fixture("refuse", Some(json!({"url": "http://toy/refuse"}))),
+            json!({"name": "odd call", "call": "stream", "input": {}}),
+            json!({"name": "no expectation", "call": "parse", "input": {"status": 200}}),
+        ]);
+        let report = check_direct::<Toy>(dir.path()).unwrap();
+        assert!(!report.ok());
+        assert_eq!(report.passed, 1, "only the manifest passes: {report}");
+        let reason = |name: &str| {
+            report
+                .failures
+                .iter()
+                .find(|f| f.name == name)
+                .map(|f| f.reason.clone())
+                .unwrap_or_else(|| panic!("{name} did not fail: {report}"))
+        };
+        assert!(reason("wrong kind").contains("$.outcome.kind"));
+        // A panic is caught, and it is not the refusal the fixture asks for.
+        assert!(reason("panic")
+            .contains("expected a refusal, got plugin panicked in prepare: toy prepare blew up"));
+        assert!(reason("m1").starts_with("expected a refusal, got {"));
+        assert!(reason("refuse").contains("plugin refused prepare: no such thing"));
+        assert!(reason("odd call").contains("unknown call \"stream\""));
+        assert!(reason("no expectation").contains("neither expect nor expect_error"));
+    }
+
+    #[test]
+    fn missing_outcome_kinds_names_what_no_parse_fixture_expects() {
+        let fx = |call: &str, kind: &str| {
+            let f: Fixture = serde_json::from_value(json!({"name": kind, "call": call,
+                "input": {}, "expect": {"outcome": {"kind": kind}}}))
+            .unwrap();
+            (PathBuf::from(format!("{kind}.json")), f)
+        };
+        let mut fixtures: Vec<_> = Outcome::KINDS.iter().map(|k| fx("parse", k)).collect();
+        assert!(missing_outcome_kinds(&fixtures).is_empty());
+        fixtures.retain(|(_, f)| f.name != "transient" && f.name != "auth_failed");
+        // A prepare fixture does not count as coverage.
+        fixtures.push(fx("prepare", "transient"));
+        assert_eq!(
+            missing_outcome_kinds(&fixtures),
+            ["auth_failed", "transient"]
+        );
+    }
+
+    #[test]
+    fn the_newest_library_wins_and_deps_wins_a_tie() {
+        let root = tempfile::tempdir().unwrap();
+        let deps = root.path().join("deps");
+        std::fs::create_dir(&deps).unwrap();
+        let dirs = [deps.as_path(), root.path()];
+        let file = "libtoy.so";
+        assert_eq!(newest_in(&dirs, file), None);
+
+        let touch = |path: &Path, secs: u64| {
+            let f = std::fs::File::create(path).unwrap();
+            f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+                .unwrap();
+        };
+        touch(&root.path().join(file), 1_000);
+        assert_eq!(newest_in(&dirs, file), Some(root.path().join(file)));
+        touch(&deps.join(file), 2_000);
+        assert_eq!(newest_in(&dirs, file), Some(deps.join(file)));
+        touch(&root.path().join(file), 3_000);
+        assert_eq!(newest_in(&dirs, file), Some(root.path().join(file)));
+        touch(&deps.join(file), 3_000);
+        assert_eq!(newest_in(&dirs, file), Some(deps.join(file)));
+    }
+
+    #[test]
+    fn cdylib_path_names_the_library_it_could_not_find() {
+        let err = cdylib_path("llmq-no-such-plugin").unwrap_err().to_string();
+        assert!(err.contains("llmq_no_such_plugin"), "{err}");
+        assert!(err.contains("not found next to"), "{err}");
     }
 }

@@ -7,19 +7,19 @@
 //! - [`abi`]: the C ABI (`llmq_plugin_entry` → [`abi::PluginVTable`]), the
 //!   [`Plugin`] trait and the [`export_plugin!`] macro;
 //! - [`wire`]: parsers for rate-limit headers (`6m0s`, `retry-after`, RFC 3339);
-//! - `host` and `conformance` (feature `host`): loading a plugin `.so`, and
-//!   the conformance kit that checks one against recorded fixtures.
+//! - [`conformance`]: the kit that checks a plugin against recorded fixtures,
+//!   directly or (feature `host`) as a loaded `.so`;
+//! - `host` (feature `host`): loading a plugin `.so`.
 //!
 //! Plugins are sans-I/O: they translate and classify, the daemon does the
 //! HTTP, timeouts, retries, keys and accounting.
 
 pub mod abi;
+pub mod conformance;
 pub mod estimate;
 pub mod types;
 pub mod wire;
 
-#[cfg(feature = "host")]
-pub mod conformance;
 #[cfg(feature = "host")]
 pub mod host;
 

@@ -171,6 +171,18 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome's [`name`](Outcome::name), in declaration order.
+    pub const KINDS: [&'static str; 8] = [
+        "success",
+        "rate_limited",
+        "quota_exhausted",
+        "auth_failed",
+        "invalid_request",
+        "context_too_long",
+        "model_not_found",
+        "transient",
+    ];
+
     /// Stable snake_case name, as used in results, metrics and stats.
     pub fn name(&self) -> &'static str {
         match self {
@@ -270,6 +282,50 @@ impl PluginError {
     pub fn new(message: impl Into<String>) -> Self {
         PluginError {
             message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_lists_every_outcome_name_as_serialized() {
+        let all = [
+            Outcome::Success {
+                text: String::new(),
+                usage: Usage::default(),
+                finish_reason: None,
+            },
+            Outcome::RateLimited {
+                retry_after_ms: None,
+            },
+            Outcome::QuotaExhausted,
+            Outcome::AuthFailed,
+            Outcome::InvalidRequest,
+            Outcome::ContextTooLong,
+            Outcome::ModelNotFound,
+            Outcome::Transient,
+        ];
+        // Adding a variant breaks this match: add it to `all` and to KINDS.
+        for o in &all {
+            match o {
+                Outcome::Success { .. }
+                | Outcome::RateLimited { .. }
+                | Outcome::QuotaExhausted
+                | Outcome::AuthFailed
+                | Outcome::InvalidRequest
+                | Outcome::ContextTooLong
+                | Outcome::ModelNotFound
+                | Outcome::Transient => {}
+            }
+        }
+        let names: Vec<&str> = all.iter().map(Outcome::name).collect();
+        assert_eq!(names, Outcome::KINDS);
+        for o in &all {
+            let json = serde_json::to_value(o).unwrap();
+            assert_eq!(json["kind"], o.name());
         }
     }
 }
