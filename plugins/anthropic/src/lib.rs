@@ -49,82 +49,26 @@ mod fixture_tests {
     //! Runs every recorded fixture through the rlib (no `.so` involved).
 
     use super::Anthropic;
-    use llmq_sdk::conformance::{json_subset, load_fixtures, match_prepare};
-    use llmq_sdk::{HttpResponse, Plugin, PrepareInput};
-    use std::path::Path;
+    use llmq_sdk::conformance::{check_direct, load_fixtures, missing_outcome_kinds};
+    use llmq_sdk::Plugin;
+    use std::path::{Path, PathBuf};
+
+    fn fixtures_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    }
 
     #[test]
     fn every_fixture_passes_through_the_rlib() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-        let fixtures = load_fixtures(&dir).unwrap();
-        assert!(fixtures.len() >= 25, "only {} fixtures", fixtures.len());
-        let mut failures = Vec::new();
-        for (file, fx) in &fixtures {
-            let result: Result<(), String> = match fx.call.as_str() {
-                "parse" => {
-                    let resp: HttpResponse = serde_json::from_value(fx.input.clone()).unwrap();
-                    let parsed = Anthropic::parse(&resp).map_err(|e| e.to_string());
-                    match (parsed, fx.expect_error) {
-                        (Err(_), true) => Ok(()),
-                        (Ok(p), true) => Err(format!("expected a refusal, got {p:?}")),
-                        (Err(e), false) => Err(e),
-                        (Ok(p), false) => json_subset(
-                            fx.expect.as_ref().unwrap(),
-                            &serde_json::to_value(p).unwrap(),
-                            "$",
-                        ),
-                    }
-                }
-                "prepare" => {
-                    let inp: PrepareInput = serde_json::from_value(fx.input.clone()).unwrap();
-                    match (Anthropic::prepare(&inp), fx.expect_error) {
-                        (Err(_), true) => Ok(()),
-                        (Ok(r), true) => Err(format!("expected a refusal, got {r:?}")),
-                        (Err(e), false) => Err(e.to_string()),
-                        (Ok(r), false) => match_prepare(
-                            fx.expect.as_ref().unwrap(),
-                            &serde_json::to_value(r).unwrap(),
-                        ),
-                    }
-                }
-                other => Err(format!("unknown call {other}")),
-            };
-            if let Err(reason) = result {
-                failures.push(format!("{} ({}): {reason}", fx.name, file.display()));
-            }
-        }
-        assert!(
-            failures.is_empty(),
-            "failing fixtures:\n{}",
-            failures.join("\n")
-        );
+        let report = check_direct::<Anthropic>(&fixtures_dir()).unwrap();
+        assert!(report.ok(), "{report}");
+        // The manifest check plus one per fixture file.
+        assert!(report.passed > 25, "only {} fixtures", report.passed - 1);
     }
 
     #[test]
     fn fixtures_cover_every_outcome_kind() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-        let fixtures = load_fixtures(&dir).unwrap();
-        let kinds: std::collections::BTreeSet<String> = fixtures
-            .iter()
-            .filter(|(_, fx)| fx.call == "parse")
-            .filter_map(|(_, fx)| {
-                fx.expect.as_ref()?["outcome"]["kind"]
-                    .as_str()
-                    .map(String::from)
-            })
-            .collect();
-        for kind in [
-            "success",
-            "rate_limited",
-            "quota_exhausted",
-            "auth_failed",
-            "invalid_request",
-            "context_too_long",
-            "model_not_found",
-            "transient",
-        ] {
-            assert!(kinds.contains(kind), "no fixture for {kind}");
-        }
+        let missing = missing_outcome_kinds(&load_fixtures(&fixtures_dir()).unwrap());
+        assert!(missing.is_empty(), "no fixture for {missing:?}");
     }
 
     #[test]

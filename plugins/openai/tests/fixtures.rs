@@ -1,93 +1,34 @@
 //! Runs every recorded fixture in `fixtures/` through the plugin directly
-//! (the rlib, no C ABI), with the same matchers the conformance kit uses, and
-//! checks that the fixtures cover every outcome kind.
+//! (the rlib, no C ABI) with the SDK's conformance kit, checks that the
+//! fixtures cover every outcome kind, and checks what is particular to this
+//! plugin: where rate-limit hints come from and where the key may go.
 
 use llmq_plugin_openai::OpenAiPlugin;
-use llmq_sdk::conformance::{json_subset, load_fixtures, match_prepare, Fixture};
-use llmq_sdk::{HttpResponse, Plugin, PrepareInput};
+use llmq_sdk::conformance::{check_direct, load_fixtures, missing_outcome_kinds, Fixture};
+use llmq_sdk::{Plugin, PrepareInput};
 use serde_json::Value;
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-fn fixtures() -> Vec<(PathBuf, Fixture)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-    load_fixtures(&dir).expect("fixtures load")
+fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
-/// Runs one fixture; `Err` says what differed.
-fn run(fx: &Fixture) -> Result<Value, String> {
-    match fx.call.as_str() {
-        "parse" => {
-            let resp: HttpResponse =
-                serde_json::from_value(fx.input.clone()).map_err(|e| e.to_string())?;
-            let parsed = <OpenAiPlugin as Plugin>::parse(&resp).map_err(|e| e.message)?;
-            let actual = serde_json::to_value(&parsed).map_err(|e| e.to_string())?;
-            let expect = fx.expect.as_ref().ok_or("parse fixture without expect")?;
-            json_subset(expect, &actual, "$")?;
-            Ok(actual)
-        }
-        "prepare" => {
-            let input: PrepareInput =
-                serde_json::from_value(fx.input.clone()).map_err(|e| e.to_string())?;
-            match (<OpenAiPlugin as Plugin>::prepare(&input), fx.expect_error) {
-                (Err(_), true) => Ok(Value::Null),
-                (Ok(req), true) => Err(format!("expected a refusal, got {req:?}")),
-                (Err(e), false) => Err(format!("refused: {e}")),
-                (Ok(req), false) => {
-                    let actual = serde_json::to_value(&req).map_err(|e| e.to_string())?;
-                    let expect = fx.expect.as_ref().ok_or("prepare fixture without expect")?;
-                    match_prepare(expect, &actual)?;
-                    Ok(actual)
-                }
-            }
-        }
-        other => Err(format!("unknown call {other}")),
-    }
+fn fixtures() -> Vec<(PathBuf, Fixture)> {
+    load_fixtures(&fixtures_dir()).expect("fixtures load")
 }
 
 #[test]
 fn every_fixture_passes_through_the_rlib() {
-    let all = fixtures();
-    let failures: Vec<String> = all
-        .iter()
-        .filter_map(|(file, fx)| {
-            run(fx)
-                .err()
-                .map(|e| format!("{} ({}): {e}", fx.name, file.display()))
-        })
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} fixtures failed:\n{}",
-        failures.len(),
-        all.len(),
-        failures.join("\n")
-    );
+    let report = check_direct::<OpenAiPlugin>(&fixtures_dir()).expect("fixtures load");
+    assert!(report.ok(), "{report}");
+    // The manifest check plus one per fixture file.
+    assert_eq!(report.passed, 1 + fixtures().len(), "{report}");
 }
 
 #[test]
 fn fixtures_cover_every_outcome_kind() {
-    let kinds: BTreeSet<String> = fixtures()
-        .iter()
-        .filter(|(_, fx)| fx.call == "parse")
-        .filter_map(|(_, fx)| {
-            fx.expect.as_ref()?["outcome"]["kind"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect();
-    for kind in [
-        "success",
-        "rate_limited",
-        "quota_exhausted",
-        "auth_failed",
-        "invalid_request",
-        "context_too_long",
-        "model_not_found",
-        "transient",
-    ] {
-        assert!(kinds.contains(kind), "no parse fixture expects {kind}");
-    }
+    let missing = missing_outcome_kinds(&fixtures());
+    assert!(missing.is_empty(), "no parse fixture expects {missing:?}");
 }
 
 #[test]
