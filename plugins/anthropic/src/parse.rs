@@ -5,12 +5,16 @@
 //! limits come from the `anthropic-ratelimit-*` headers, whose resets are
 //! RFC 3339 instants turned into durations relative to `received_at_unix_ms`.
 
-use llmq_sdk::wire::{parse_retry_after_ms, parse_rfc3339_ms, parse_u64};
+use llmq_sdk::wire::{
+    mask_keys, parse_rfc3339_ms, parse_u64, retry_after_headers_ms, truncate_message,
+};
 use llmq_sdk::{HttpResponse, ObservedLimits, Outcome, Parsed, Usage};
 use serde_json::Value;
 
 /// Upstream messages longer than this are cut (results and logs stay small).
 const MAX_MESSAGE_CHARS: usize = 2000;
+/// How Anthropic keys start; masked in upstream messages.
+pub const KEY_PREFIX: &str = "sk-ant-";
 
 /// Classifies one response. Never fails: garbage is [`Outcome::Transient`].
 pub fn parse(resp: &HttpResponse) -> Parsed {
@@ -126,22 +130,14 @@ fn is_context_message(lower: &str) -> bool {
 /// (seconds), then the latest reset among the rate-limit families whose
 /// remaining count is 0. `None` when the response gives no hint.
 pub fn retry_hint(resp: &HttpResponse) -> Option<u64> {
-    if let Some(ms) = resp
-        .header("retry-after-ms")
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-    {
-        return Some(ms.ceil() as u64);
-    }
-    if let Some(ms) = resp.header("retry-after").and_then(parse_retry_after_ms) {
-        return Some(ms);
-    }
-    FAMILIES
-        .iter()
-        .filter_map(|f| family(resp, f))
-        .filter(|f| f.remaining == Some(0))
-        .filter_map(|f| f.reset_ms)
-        .max()
+    retry_after_headers_ms(resp).or_else(|| {
+        FAMILIES
+            .iter()
+            .filter_map(|f| family(resp, f))
+            .filter(|f| f.remaining == Some(0))
+            .filter_map(|f| f.reset_ms)
+            .max()
+    })
 }
 
 /// The `anthropic-ratelimit-<family>-*` header families.
@@ -208,36 +204,7 @@ fn fill(f: &Family) -> f64 {
 /// The upstream message, with anything that looks like an API key masked
 /// and cut to a sane length.
 pub fn clean_message(msg: &str) -> String {
-    let masked = mask_keys(msg.trim());
-    if masked.chars().count() <= MAX_MESSAGE_CHARS {
-        return masked;
-    }
-    let cut: String = masked.chars().take(MAX_MESSAGE_CHARS).collect();
-    format!("{cut}…")
-}
-
-/// Masks Anthropic keys (`sk-ant-…`) to `sk-ant-…<last 4>`, as the daemon
-/// masks keys everywhere else.
-pub fn mask_keys(s: &str) -> String {
-    const PREFIX: &str = "sk-ant-";
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(at) = rest.find(PREFIX) {
-        out.push_str(&rest[..at]);
-        let tail = &rest[at + PREFIX.len()..];
-        let len = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
-            .unwrap_or(tail.len());
-        let secret = &tail[..len];
-        out.push_str(PREFIX);
-        out.push('…');
-        if secret.len() > 8 {
-            out.push_str(&secret[secret.len() - 4..]);
-        }
-        rest = &tail[len..];
-    }
-    out.push_str(rest);
-    out
+    truncate_message(&mask_keys(msg.trim(), &[KEY_PREFIX]), MAX_MESSAGE_CHARS)
 }
 
 #[cfg(test)]
@@ -259,11 +226,10 @@ mod tests {
     #[test]
     fn keys_in_messages_are_masked() {
         assert_eq!(
-            mask_keys("bad key sk-ant-api03-abcdefghijklmnop1234, try again"),
+            clean_message(" bad key sk-ant-api03-abcdefghijklmnop1234, try again\n"),
             "bad key sk-ant-…1234, try again"
         );
-        assert_eq!(mask_keys("sk-ant-short"), "sk-ant-…");
-        assert_eq!(mask_keys("no key here"), "no key here");
+        assert_eq!(clean_message("no key here"), "no key here");
     }
 
     #[test]

@@ -6,12 +6,17 @@
 //! and the 429 rule live in the crate README. Gemini sends no rate-limit
 //! headers, so no limits are reported.
 
-use llmq_sdk::wire::{parse_duration_ms, parse_retry_after_ms};
+use llmq_sdk::wire::{
+    duration_after, mask_keys, parse_duration_ms, parse_retry_after_ms, truncate_message,
+};
 use llmq_sdk::{HttpResponse, Outcome, Parsed, Usage};
 use serde_json::Value;
 
 /// Upstream messages longer than this are cut (results and logs stay small).
 const MAX_MESSAGE_CHARS: usize = 2000;
+/// How Google API keys start (`AIza…`, as echoed in "Consumer
+/// 'api_key:AIza…' has been suspended"); masked in upstream messages.
+pub const KEY_PREFIX: &str = "AIza";
 
 const RETRY_INFO: &str = "type.googleapis.com/google.rpc.RetryInfo";
 const QUOTA_FAILURE: &str = "type.googleapis.com/google.rpc.QuotaFailure";
@@ -228,7 +233,8 @@ fn resource_exhausted(resp: &HttpResponse, e: &ErrorView<'_>) -> Outcome {
     }
     let hint = e
         .retry_delay_ms()
-        .or_else(|| retry_in_message(&e.lower))
+        // "Please retry in 20.04466179s." (also `…ms`).
+        .or_else(|| duration_after(&e.lower, "retry in "))
         .or_else(|| resp.header("retry-after").and_then(parse_retry_after_ms));
     if hint.is_none() && mentions_billing(&e.lower) {
         return Outcome::QuotaExhausted;
@@ -236,13 +242,6 @@ fn resource_exhausted(resp: &HttpResponse, e: &ErrorView<'_>) -> Outcome {
     Outcome::RateLimited {
         retry_after_ms: hint,
     }
-}
-
-/// "Please retry in 20.04466179s." (also `…ms`) in a 429 message.
-fn retry_in_message(lower: &str) -> Option<u64> {
-    let (_, rest) = lower.split_once("retry in ")?;
-    let token = rest.split_whitespace().next()?;
-    parse_duration_ms(token.trim_end_matches(['.', ',', ';']))
 }
 
 fn mentions_billing(lower: &str) -> bool {
@@ -267,36 +266,7 @@ fn is_context_message(lower: &str) -> bool {
 /// The upstream message, with anything shaped like a key masked and cut to a
 /// sane length.
 pub fn clean_message(msg: &str) -> String {
-    let masked = mask_keys(msg.trim());
-    if masked.chars().count() <= MAX_MESSAGE_CHARS {
-        return masked;
-    }
-    let cut: String = masked.chars().take(MAX_MESSAGE_CHARS).collect();
-    format!("{cut}…")
-}
-
-/// Masks Google API keys (`AIza…`, as echoed in "Consumer 'api_key:AIza…'
-/// has been suspended") to `AIza…<last 4>`.
-pub fn mask_keys(s: &str) -> String {
-    const PREFIX: &str = "AIza";
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(at) = rest.find(PREFIX) {
-        out.push_str(&rest[..at]);
-        let tail = &rest[at + PREFIX.len()..];
-        let len = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
-            .unwrap_or(tail.len());
-        let secret = &tail[..len];
-        out.push_str(PREFIX);
-        out.push('…');
-        if secret.len() > 8 {
-            out.push_str(&secret[secret.len() - 4..]);
-        }
-        rest = &tail[len..];
-    }
-    out.push_str(rest);
-    out
+    truncate_message(&mask_keys(msg.trim(), &[KEY_PREFIX]), MAX_MESSAGE_CHARS)
 }
 
 #[cfg(test)]
@@ -315,24 +285,27 @@ mod tests {
     #[test]
     fn keys_in_messages_are_masked() {
         assert_eq!(
-            mask_keys(
-                "Consumer 'api_key:AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUvW' has been suspended."
+            clean_message(
+                "Consumer 'api_key:AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUvW' has been suspended. "
             ),
             "Consumer 'api_key:AIza…tUvW' has been suspended."
         );
-        assert_eq!(mask_keys("AIza-test-aaaa1111"), "AIza…1111");
-        assert_eq!(mask_keys("AIza"), "AIza…");
-        assert_eq!(mask_keys("nothing to hide"), "nothing to hide");
+        assert_eq!(clean_message("AIza-test-aaaa1111"), "AIza…1111");
+        assert_eq!(clean_message("nothing to hide"), "nothing to hide");
     }
 
     #[test]
-    fn retry_in_message_reads_seconds_and_millis() {
+    fn a_429_message_gives_the_wait_when_details_do_not() {
+        let p = parse(&resp(
+            429,
+            r#"{"error":{"code":429,"message":"Quota exceeded. Please retry in 616.645018ms.","status":"RESOURCE_EXHAUSTED"}}"#,
+        ));
         assert_eq!(
-            retry_in_message("please retry in 20.04466179s."),
-            Some(20_045)
+            p.outcome,
+            Outcome::RateLimited {
+                retry_after_ms: Some(617)
+            }
         );
-        assert_eq!(retry_in_message("please retry in 616.645018ms."), Some(617));
-        assert_eq!(retry_in_message("please retry later"), None);
     }
 
     #[test]

@@ -142,7 +142,7 @@ pub fn model_path(model: &str) -> Result<String, PluginError> {
     if !safe {
         return Err(PluginError::new(format!(
             "model id {:?} is not a Gemini model name (letters, digits, '-', '_' and '.')",
-            crate::parse::mask_keys(model)
+            llmq_sdk::wire::mask_keys(model, &[crate::parse::KEY_PREFIX])
         )));
     }
     Ok(format!("{collection}/{id}"))

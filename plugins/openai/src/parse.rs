@@ -12,7 +12,9 @@
 //! The mapping table is in the crate README.
 
 use crate::redact::redact;
-use llmq_sdk::wire::{parse_duration_ms, parse_retry_after_ms, parse_u64};
+use llmq_sdk::wire::{
+    duration_after, parse_duration_ms, parse_u64, retry_after_headers_ms, truncate_message,
+};
 use llmq_sdk::{HttpResponse, ObservedLimits, Outcome, Parsed, Usage};
 use serde_json::Value;
 
@@ -126,7 +128,7 @@ pub fn parse(resp: &HttpResponse) -> Parsed {
     };
     Parsed {
         outcome,
-        message: message.map(|m| truncate(&redact(&m), MAX_MESSAGE_CHARS)),
+        message: message.map(|m| truncate_message(&redact(&m), MAX_MESSAGE_CHARS)),
         limits,
     }
 }
@@ -276,14 +278,7 @@ fn classify(status: u16, resp: &HttpResponse, info: &ErrorInfo) -> Outcome {
 /// an exhausted window, OpenRouter's reset stamp, the "try again in 1.5s"
 /// of OpenAI's and Groq's messages. `None` when there is no hint at all.
 pub fn retry_after_ms(resp: &HttpResponse, info: &ErrorInfo) -> Option<u64> {
-    if let Some(ms) = resp
-        .header("retry-after-ms")
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-    {
-        return Some(ms.ceil() as u64);
-    }
-    if let Some(ms) = resp.header("retry-after").and_then(parse_retry_after_ms) {
+    if let Some(ms) = retry_after_headers_ms(resp) {
         return Some(ms);
     }
     let exhausted_reset = |window: &str| {
@@ -329,17 +324,10 @@ fn openrouter_reset_ms(resp: &HttpResponse, info: &ErrorInfo) -> Option<u64> {
 
 /// "Please try again in 6m0s." / "try again in 20ms" / "retry after 20 seconds".
 fn message_retry_hint_ms(message: &str) -> Option<u64> {
-    let lower = message.to_ascii_lowercase();
-    if let Some(idx) = lower.find("try again in ") {
-        let rest = &lower[idx + "try again in ".len()..];
-        let token: String = rest
-            .chars()
-            .take_while(|c| !c.is_whitespace() && *c != ',')
-            .collect();
-        if let Some(ms) = parse_duration_ms(token.trim_end_matches('.')) {
-            return Some(ms);
-        }
+    if let Some(ms) = duration_after(message, "try again in ") {
+        return Some(ms);
     }
+    let lower = message.to_ascii_lowercase();
     if let Some(idx) = lower.find("retry after ") {
         let rest = &lower[idx + "retry after ".len()..];
         let mut words = rest.split_whitespace();
@@ -519,14 +507,7 @@ fn snippet(body: &str) -> String {
     if collapsed.is_empty() {
         "(empty body)".into()
     } else {
-        truncate(&collapsed, MAX_SNIPPET_CHARS)
-    }
-}
-
-fn truncate(s: &str, max_chars: usize) -> String {
-    match s.char_indices().nth(max_chars) {
-        Some((idx, _)) => format!("{}…", &s[..idx]),
-        None => s.to_string(),
+        truncate_message(&collapsed, MAX_SNIPPET_CHARS)
     }
 }
 
