@@ -22,7 +22,7 @@ pub enum BenchError {
     #[error("building or locating the binaries failed: {0}")]
     Build(String),
     /// The worker process (llmq or the baseline loop) misbehaved; carries the tail of its log.
-    #[error("{what} failed: {reason}\n--- last lines of its log ---\n{log_tail}")]
+    #[error("{what} failed: {reason}{}", log_section(.log_tail))]
     Worker {
         what: String,
         reason: String,
@@ -32,6 +32,14 @@ pub enum BenchError {
     Timeout { what: String, secs: f64 },
     #[error("invalid measurement: {0}")]
     Invalid(String),
+}
+
+fn log_section(tail: &str) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("\n--- last lines of its log ---\n{tail}")
+    }
 }
 
 impl BenchError {

@@ -170,10 +170,11 @@ impl Worker {
         let log = dir.path().join("worker.log");
         let mut cmd = match system {
             System::Llmq => {
-                let daemon = bins
-                    .daemon
-                    .as_ref()
-                    .map_err(|e| BenchError::Build(e.clone()))?;
+                let daemon = bins.daemon.as_ref().map_err(|e| BenchError::Worker {
+                    what: "llmq".into(),
+                    reason: e.clone(),
+                    log_tail: String::new(),
+                })?;
                 let config = dir.path().join("llmq.toml");
                 let env_file = dir.path().join("keys.env");
                 write(&config, &llmq_config(setup, &daemon.plugins_dir))?;
