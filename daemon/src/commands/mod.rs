@@ -4,6 +4,7 @@
 use crate::cli::{exit, Cli, Command, GlobalArgs, PluginsArgs};
 use crate::error::{Error, Result};
 use crate::job::{parse_job, JobResult, Status};
+use crate::queue::QueueError;
 use crate::serve::Options;
 use std::io::Read;
 
@@ -25,14 +26,22 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let body = read_arg_or_stdin(args.job.as_deref())?;
             let settings = options(g).load_config_only()?;
             let mut conn = connect(&settings.redis.url).await?;
-            let id = crate::queue::push_limited(
+            let id = match crate::queue::push_limited(
                 &mut conn,
                 &args.lane,
                 &body,
                 settings.queue.max_job_bytes,
             )
             .await
-            .map_err(|e| Error::Other(e.to_string()))?;
+            {
+                Ok(id) => id,
+                // The job or lane given is wrong: bad usage, like bad config.
+                Err(e @ (QueueError::InvalidJob(_) | QueueError::InvalidLane(_))) => {
+                    eprintln!("llmq: {e}");
+                    return Ok(exit::CONFIG);
+                }
+                Err(e) => return Err(e.into()),
+            };
             if !args.wait {
                 if g.json {
                     println!("{}", serde_json::json!({ "id": id }));
@@ -51,10 +60,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Result(args) => {
             let settings = options(g).load_config_only()?;
             let mut conn = connect(&settings.redis.url).await?;
-            match crate::queue::get_result(&mut conn, &args.id)
-                .await
-                .map_err(|e| Error::Other(e.to_string()))?
-            {
+            match crate::queue::get_result(&mut conn, &args.id).await? {
                 Some(r) => Ok(print_result(g, &r)),
                 None => {
                     eprintln!("no result for job {}", args.id);
@@ -68,8 +74,13 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 None => r#"{"messages":[{"role":"user","content":"hello"}]}"#.to_string(),
                 Some(s) => read_arg_or_stdin(Some(s))?,
             };
-            let job = parse_job(body.as_bytes(), settings.config.queue.max_job_bytes)
-                .map_err(|(e, _)| Error::Other(e.to_string()))?;
+            let job = match parse_job(body.as_bytes(), settings.config.queue.max_job_bytes) {
+                Ok(job) => job,
+                Err((e, _)) => {
+                    eprintln!("llmq: {e}");
+                    return Ok(exit::CONFIG);
+                }
+            };
             let ring = &settings.ring;
             let table = crate::router::RouteTable::new(&settings.config, |p| {
                 !ring.for_provider(p).is_empty()
@@ -85,6 +96,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::CheckConfig => check_config(g),
         Command::Keys(args) => keys::keys(g, &options(g), args.action.as_ref()).await,
         Command::Usage(args) => keys::usage(g, &options(g), args.since.as_deref()).await,
+        Command::Cluster => crate::cluster::command(g).await,
         Command::Demo(args) => crate::demo::run(g, args).await,
     }
 }
@@ -125,10 +137,7 @@ async fn wait_and_print(
     id: &str,
     timeout: u64,
 ) -> Result<i32> {
-    match crate::queue::wait(conn, id, Duration::from_secs(timeout))
-        .await
-        .map_err(|e| Error::Other(e.to_string()))?
-    {
+    match crate::queue::wait(conn, id, Duration::from_secs(timeout)).await? {
         Some(r) => Ok(print_result(g, &r)),
         None => {
             eprintln!("no result for job {id} within {timeout}s");
@@ -237,12 +246,15 @@ fn plugins(g: &GlobalArgs, args: &PluginsArgs) -> Result<i32> {
     Ok(code)
 }
 
+/// `check-config`: config, keys, and the plugins the routes need, as
+/// `serve` would check them, without Redis.
 fn check_config(g: &GlobalArgs) -> Result<i32> {
     let settings = options(g).load()?;
     let report = settings.ring.report();
     let ring = &settings.ring;
     let table =
         crate::router::RouteTable::new(&settings.config, |p| !ring.for_provider(p).is_empty());
+    let refused = check_plugins(g, &settings.config, &table)?;
     if g.json {
         println!(
             "{}",
@@ -251,6 +263,7 @@ fn check_config(g: &GlobalArgs) -> Result<i32> {
                 "keys": settings.ring.len(),
                 "routes": table.routes().len(),
                 "report": report,
+                "refused_plugins": refused,
             }))
         );
     } else {
@@ -269,6 +282,44 @@ fn check_config(g: &GlobalArgs) -> Result<i32> {
         for p in &report.providers_without_keys {
             println!("note: provider {p} has no keys and will not be routed to");
         }
+        for r in &refused {
+            println!("warning: plugin refused: {r}");
+        }
     }
     Ok(exit::OK)
+}
+
+/// Every provider that can be routed to needs its plugin in `plugins.dir`
+/// (as `serve` requires). Returns the refused plugin files, as warnings.
+fn check_plugins(
+    g: &GlobalArgs,
+    config: &crate::config::Config,
+    table: &crate::router::RouteTable,
+) -> Result<Vec<String>> {
+    if table.routes().is_empty() {
+        return Ok(vec![]);
+    }
+    let file = g
+        .config
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "(built-in defaults)".into());
+    let dir = std::path::Path::new(&config.plugins.dir);
+    let host = crate::plugin_host::PluginHost::load_dir_lenient(dir)
+        .map_err(|e| Error::config(&file, "plugins.dir", format!("a readable plugins dir: {e}")))?;
+    for route in table.routes() {
+        if host.get(&route.plugin).is_err() {
+            return Err(Error::config(
+                &file,
+                format!("providers.{}.plugin", route.provider),
+                format!(
+                    "a plugin in the plugins dir {}; {:?} is not there (loaded: {})",
+                    dir.display(),
+                    route.plugin,
+                    host.names().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(host.refused().to_vec())
 }

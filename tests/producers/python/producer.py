@@ -24,12 +24,24 @@ def push(r, job, lane="normal"):
 
 
 def wait(r, job_id, timeout=60):
-    """Block until the job has a result; returns the result dict or None."""
-    raw = r.get("llmq:result:" + job_id)
+    """Block until the job has a result; returns the result dict or None.
+
+    Reads the result first (the done marker may have been taken by another
+    waiter), else BLPOPs llmq:done:<id> and puts the marker back, with the
+    result's TTL, for any other waiter.
+    """
+    result_key = "llmq:result:" + job_id
+    done_key = "llmq:done:" + job_id
+    raw = r.get(result_key)
     if raw is None:
-        if r.blpop(["llmq:done:" + job_id], timeout=timeout) is None:
+        popped = r.blpop([done_key], timeout=timeout)
+        if popped is None:
             return None
-        raw = r.get("llmq:result:" + job_id)
+        raw = r.get(result_key)
+        ttl = r.pttl(result_key)
+        if ttl and ttl > 0:
+            r.lpush(done_key, popped[1])
+            r.pexpire(done_key, ttl)
     return json.loads(raw) if raw else None
 
 
@@ -59,11 +71,14 @@ def main():
         if res is None:
             print(f"{job_id}: no result within {args.timeout}s")
             continue
-        status = res.get("status")
-        print(f"{job_id}: {status} via {res.get('provider')}/{res.get('model')} "
-              f"key={res.get('key')} tier={res.get('tier')} -> {res.get('output')!r}")
-        if status == "succeeded" and res.get("metadata", {}).get("from") == "python":
-            ok += 1
+        if res.get("status") == "succeeded":
+            print(f"{job_id}: succeeded via {res.get('provider')}/{res.get('model')} "
+                  f"key={res.get('key')} tier={res.get('tier')} -> {res.get('output')!r}")
+            if (res.get("metadata") or {}).get("from") == "python":
+                ok += 1
+        else:
+            err = res.get("error") or {}
+            print(f"{job_id}: failed ({err.get('kind')}): {err.get('message')}")
     print(f"{ok} of {len(ids)} succeeded")
     return 0 if ok == len(ids) else 1
 
