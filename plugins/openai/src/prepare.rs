@@ -12,6 +12,7 @@
 //! The API key goes into `authorization: Bearer …` and nowhere else; no error
 //! produced here ever contains it.
 
+use llmq_sdk::prepare::f32_to_f64;
 use llmq_sdk::{ChatRequest, HttpRequest, PluginError, PrepareInput, ProviderInfo};
 use serde_json::{json, Map, Value};
 
@@ -102,10 +103,7 @@ fn max_tokens_field(provider: &ProviderInfo) -> Result<&'static str, PluginError
 /// An `f32` temperature as the decimal the producer wrote (0.7, not
 /// 0.699999988079071).
 fn temperature(t: f32) -> Result<Value, PluginError> {
-    t.to_string()
-        .parse::<f64>()
-        .ok()
-        .and_then(serde_json::Number::from_f64)
+    serde_json::Number::from_f64(f32_to_f64(t))
         .map(Value::Number)
         .ok_or_else(|| PluginError::new(format!("temperature {t} is not a finite number")))
 }
