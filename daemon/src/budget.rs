@@ -5,7 +5,15 @@
 //! usage (or releases it when nothing was billed). A call is allowed only
 //! while `spent + reserved + estimate <= budget`, so concurrent jobs cannot
 //! all slip under the cap at once: the overshoot is bounded by the error of
-//! one job's estimate. The day is the UTC day; a new day starts from zero.
+//! one job's estimate (none when the estimate is an upper bound, as the
+//! router's is: the prompt plus all of `max_tokens`). The day is the UTC day;
+//! a new day starts from zero.
+//!
+//! [`Budgets::check`] tells the executor which of three cases holds: the call
+//! fits ([`BudgetCheck::Fits`]); it would fit once calls in flight settle,
+//! which may cost less than reserved ([`BudgetCheck::Pending`], so wait); or
+//! today's spend alone leaves no room ([`BudgetCheck::Reached`], so this
+//! provider is out for the day).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,6 +25,17 @@ struct Ledger {
     day: u64,
     spent: f64,
     reserved: f64,
+}
+
+/// Whether a call of a given estimated cost fits a provider's budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BudgetCheck {
+    /// No cap, or `spent + reserved + estimate <= cap`.
+    Fits,
+    /// Only the reservations of calls in flight stand in the way.
+    Pending,
+    /// `spent + estimate > cap`: nothing will fit before the next UTC day.
+    Reached { cap: f64, spent: f64 },
 }
 
 /// Budget gates for the providers that have a cap.
@@ -40,14 +59,55 @@ impl Budgets {
         self.with(provider, now_unix_ms, |l| l.spent = spent);
     }
 
-    /// True when a call of `estimate` USD fits under the provider's cap.
+    /// True when a call of `estimate` USD fits under the provider's cap now.
     pub fn allows(&self, provider: &str, estimate: f64, now_unix_ms: u64) -> bool {
+        self.check(provider, estimate, now_unix_ms) == BudgetCheck::Fits
+    }
+
+    /// Whether a call of `estimate` USD fits under the provider's cap now,
+    /// later (once calls in flight settle) or not today.
+    pub fn check(&self, provider: &str, estimate: f64, now_unix_ms: u64) -> BudgetCheck {
         let Some(cap) = self.caps.get(provider).copied() else {
-            return true;
+            return BudgetCheck::Fits;
         };
         self.with(provider, now_unix_ms, |l| {
-            l.spent + l.reserved + estimate <= cap
+            if l.spent + l.reserved + estimate <= cap {
+                BudgetCheck::Fits
+            } else if l.spent + estimate <= cap {
+                BudgetCheck::Pending
+            } else {
+                BudgetCheck::Reached {
+                    cap,
+                    spent: l.spent,
+                }
+            }
         })
+    }
+
+    /// [`Budgets::check`], and when the call fits, reserve `estimate` in the
+    /// same step (so two jobs cannot both take the last room).
+    pub fn try_reserve(&self, provider: &str, estimate: f64, now_unix_ms: u64) -> BudgetCheck {
+        let Some(cap) = self.caps.get(provider).copied() else {
+            return BudgetCheck::Fits;
+        };
+        self.with(provider, now_unix_ms, |l| {
+            if l.spent + l.reserved + estimate <= cap {
+                l.reserved += estimate;
+                BudgetCheck::Fits
+            } else if l.spent + estimate <= cap {
+                BudgetCheck::Pending
+            } else {
+                BudgetCheck::Reached {
+                    cap,
+                    spent: l.spent,
+                }
+            }
+        })
+    }
+
+    /// The provider's cap, if it has one.
+    pub fn cap(&self, provider: &str) -> Option<f64> {
+        self.caps.get(provider).copied()
     }
 
     pub fn reserve(&self, provider: &str, estimate: f64, now_unix_ms: u64) {
@@ -58,7 +118,9 @@ impl Budgets {
 
     pub fn release(&self, provider: &str, estimate: f64, now_unix_ms: u64) {
         if self.caps.contains_key(provider) {
-            self.with(provider, now_unix_ms, |l| l.reserved = (l.reserved - estimate).max(0.0));
+            self.with(provider, now_unix_ms, |l| {
+                l.reserved = (l.reserved - estimate).max(0.0)
+            });
         }
     }
 
@@ -119,6 +181,42 @@ mod tests {
         assert!(b.allows("openai", 0.4, t));
         // Uncapped providers are always allowed.
         assert!(b.allows("groq", 1e9, t));
+    }
+
+    #[test]
+    fn check_tells_pending_reservations_from_a_reached_cap() {
+        let b = Budgets::new(HashMap::from([("openai".to_string(), 1.0)]));
+        let t = 9 * DAY_MS + 17;
+        assert_eq!(b.check("openai", 0.6, t), BudgetCheck::Fits);
+        b.reserve("openai", 0.6, t);
+        // The reservation may settle for less: wait, do not give up.
+        assert_eq!(b.check("openai", 0.6, t), BudgetCheck::Pending);
+        b.settle("openai", 0.6, 0.5, t);
+        assert_eq!(b.check("openai", 0.5, t), BudgetCheck::Fits);
+        assert_eq!(
+            b.check("openai", 0.6, t),
+            BudgetCheck::Reached {
+                cap: 1.0,
+                spent: 0.5
+            }
+        );
+        assert_eq!(b.cap("openai"), Some(1.0));
+        // try_reserve takes the room it finds (spent 0.5 so far).
+        assert_eq!(b.try_reserve("openai", 0.5, t), BudgetCheck::Fits);
+        assert_eq!(b.try_reserve("openai", 0.01, t), BudgetCheck::Pending);
+        b.release("openai", 0.5, t);
+        assert_eq!(b.try_reserve("openai", 0.25, t), BudgetCheck::Fits);
+        assert_eq!(b.try_reserve("openai", 0.5, t), BudgetCheck::Pending);
+        assert_eq!(
+            b.try_reserve("openai", 0.6, t),
+            BudgetCheck::Reached {
+                cap: 1.0,
+                spent: 0.5
+            }
+        );
+        assert_eq!(b.try_reserve("groq", 1e9, t), BudgetCheck::Fits);
+        assert_eq!(b.cap("groq"), None);
+        assert_eq!(b.check("groq", 1e9, t), BudgetCheck::Fits);
     }
 
     #[test]

@@ -3,13 +3,73 @@
 //! has the plugin build the request, sends it, has the plugin classify the
 //! response, and decides the job's and the key's fate.
 //!
-//! It owns the *policy* of a job's life: waiting for capacity instead of
-//! failing, spilling to a dearer tier after `wait_for_cheaper`, moving to the
-//! next key at once after a 429, backing off after transient errors, budgets,
-//! deadlines and fan-out. The mechanisms live elsewhere (`router`, `pool`,
-//! `limits`, `plugin_host`, `upstream`, `queue`).
+//! It owns the *policy* of a job's life; the mechanisms live elsewhere
+//! (`router`, `pool`, `limits`, `budget`, `plugin_host`, `upstream`, `queue`).
+//!
+//! # Policy
+//!
+//! **Order.** The router's plan is tried in order: cheapest tier first, then
+//! cheapest estimate (or explicit priorities with `routing.order =
+//! "priority"`). Within a tier the first route whose key can serve *now* is
+//! taken; a busy route never makes a job wait while a same-tier route is free.
+//!
+//! **Spill.** A route is *live* when it could serve later (its keys are busy,
+//! cooling down or backing off, or its budget is held by calls in flight),
+//! as opposed to never (no keys, all disabled, over its daily budget). The
+//! tier of the first live route in plan order (in cost order: the cheapest
+//! live tier) is the bar. Routes of a dearer tier are held back until
+//! `routing.wait_for_cheaper` has passed since the job (the fan-out branch)
+//! started running; then the dearest tier the job allows is fair game. A job
+//! whose cheaper tier is merely saturated therefore pays at most
+//! `wait_for_cheaper` in latency before it spills, and a job whose cheaper
+//! tier is dead (no keys, all disabled) spills at once.
+//!
+//! **Return.** Nothing is sticky: every job (and every retry within a job)
+//! plans from scratch, so as soon as the cheaper tier has capacity again new
+//! jobs go there. `route.max_tier` removes dearer routes from the plan, so
+//! such a job waits for its tier however long the others are saturated (up
+//! to its deadline).
+//!
+//! **Waiting.** When nothing can serve now, the job sleeps until the earliest
+//! time any live route could (the limiter's answer, the end of a cooldown or
+//! backoff, or the spill time), and wakes earlier when the pool signals that
+//! capacity may have been freed ([`KeyPool::changed_since`], with the epoch
+//! read *before* trying, so no release is missed). Jobs wait; they fail only
+//! at their deadline (`deadline_s`, else `routing.default_deadline`, counted
+//! from enqueue), as `deadline`.
+//!
+//! **Budgets.** A route whose provider has `budget_usd_per_day` is tried
+//! only while today's spend plus the reservations of calls in flight plus
+//! this job's estimate (prompt + all of `max_tokens`, an upper bound) stays
+//! under the cap; so spend never exceeds the cap by more than one job's
+//! estimation error. When only reservations stand in the way the route stays
+//! live (the job waits: calls in flight may settle for less). When today's
+//! spend alone leaves no room the route is out for the day: other routes are
+//! used if the job has any, and when it has none it fails at once with
+//! `no_route` and a message naming the budget that was reached.
+//!
+//! **Upstream answers.**
+//! - `rate_limited` (429): the pool cools the key down for the upstream's
+//!   hint (else the configured cooldown) and the job moves to the next key at
+//!   once (attempts show `rate_limited`, then the other key's outcome).
+//! - `quota_exhausted` / `auth_failed`: the key is disabled (and re-probed on
+//!   schedule); the job moves on at once.
+//! - `transient` (5xx, network): the key is backed off for this job (1 s,
+//!   doubling) while other keys and routes are tried; after
+//!   [`MAX_TRANSIENT_TRIES`] the job fails as `exhausted`.
+//! - `model_not_found`: the route is dropped; `no_route` when none is left.
+//! - `context_too_long`: the route and every route with no larger known
+//!   context are dropped (the estimate was short); `invalid_request` when
+//!   none is left.
+//! - `invalid_request`, or a plugin error: the job fails at once.
+//!
+//! **Fan-out** (`models`): each model runs as its own branch, concurrently,
+//! with the policy above and the job's deadline. The job `succeeded` when at
+//! least one model succeeded; `responses` has one entry per model (status,
+//! output, usage, cost, attempts, error) and `successful`/`failed` count
+//! them. When every model failed the job fails as `exhausted`.
 
-use crate::budget::Budgets;
+use crate::budget::{BudgetCheck, Budgets};
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::job::{
@@ -40,6 +100,8 @@ pub struct Runtime {
     pub pool: Arc<KeyPool>,
     pub plugins: Arc<PluginHost>,
     pub budgets: Arc<Budgets>,
+    /// The cluster-wide admission gate (`[cluster] enabled`), see `global`.
+    pub global: Option<Arc<crate::global::GlobalGate>>,
 }
 
 /// Runs jobs. Cheap to share.
@@ -173,7 +235,12 @@ impl Executor {
         let charged = prompt_tokens + max_tokens;
         let spill_at = started + rt.config.routing.wait_for_cheaper;
         let mut transient_tries = 0u32;
+        // Since when the job has been looking for its next call (the limiter
+        // wait histogram gets one observation per call).
+        let mut waiting_since = started;
         let mut backoff_until: HashMap<KeyId, Duration> = HashMap::new();
+        // Routes not to ask again before a time (all their ready keys back off).
+        let mut held: HashMap<String, Duration> = HashMap::new();
         let mut last_upstream_error: Option<String> = None;
         let pinned: Option<KeyId> = match job.route.key.as_deref().map(str::parse::<KeyId>) {
             None => None,
@@ -202,27 +269,52 @@ impl Executor {
                     now,
                 );
             }
-            // The cheapest tier that can ever serve; dearer tiers only after spill_at.
+            // The tier of the first live route is the bar; dearer tiers only
+            // after spill_at (see the module doc).
             let epoch = rt.pool.epoch();
             let mut never: Vec<String> = Vec::new();
             let mut earliest: Option<Duration> = None;
-            let mut cheapest_live: Option<Tier> = None;
+            let mut bar: Option<Tier> = None;
             let mut granted = None;
             for route in &routes {
-                if let Some(cap) = cheapest_live {
-                    if route.tier > cap && now < spill_at {
+                if let Some(bar) = bar {
+                    if route.tier > bar && now < spill_at {
                         // A cheaper tier is alive: wait for it before spilling.
-                        earliest = Some(earliest.map_or(spill_at, |e: Duration| e.min(spill_at)));
+                        note(&mut earliest, spill_at);
+                        continue;
+                    }
+                }
+                if let Some(until) = (!held.is_empty())
+                    .then(|| held.get(&route.name()).copied())
+                    .flatten()
+                {
+                    if until > now {
+                        bar.get_or_insert(route.tier);
+                        note(&mut earliest, until);
                         continue;
                     }
                 }
                 let est_cost = route.estimate_cost(prompt_tokens, max_tokens);
-                if !rt
+                // Reserved here when it fits; given back below unless a key is granted.
+                match rt
                     .budgets
-                    .allows(&route.provider, est_cost, self.clock.unix_ms())
+                    .try_reserve(&route.provider, est_cost, self.clock.unix_ms())
                 {
-                    never.push(format!("{}: daily budget reached", route.name()));
-                    continue;
+                    BudgetCheck::Fits => {}
+                    BudgetCheck::Pending => {
+                        // Calls in flight hold the rest of the budget; they may
+                        // settle for less. Their reports wake us.
+                        bar.get_or_insert(route.tier);
+                        continue;
+                    }
+                    BudgetCheck::Reached { cap, spent } => {
+                        never.push(format!(
+                            "{}: daily budget of ${cap} for provider {} reached (${spent:.6} spent today; this job needs up to ${est_cost:.6})",
+                            route.name(),
+                            route.provider
+                        ));
+                        continue;
+                    }
                 }
                 let req = AcquireRequest {
                     provider: &route.provider,
@@ -232,29 +324,44 @@ impl Executor {
                     pinned: pinned.as_ref(),
                     instance: job.route.instance,
                 };
+                let backing_off = |id: &KeyId| backoff_until.get(id).copied().filter(|u| *u > now);
                 match rt.pool.try_acquire(&req) {
                     Acquire::Granted(permit) => {
-                        if let Some(until) = backoff_until.get(permit.key_id()) {
-                            if *until > now {
-                                cheapest_live.get_or_insert(route.tier);
-                                earliest = Some(earliest.map_or(*until, |e| e.min(*until)));
-                                rt.pool.report(permit, Fate::NotSent);
-                                continue;
+                        bar.get_or_insert(route.tier);
+                        let Some(until) = backing_off(permit.key_id()) else {
+                            granted = Some((route.clone(), permit, est_cost));
+                            break;
+                        };
+                        // This key failed transiently for this job: ask for
+                        // another one while it is held, then give it back.
+                        let other = rt.pool.try_acquire(&req);
+                        rt.pool.report(permit, Fate::NotSent);
+                        let mut hold = until;
+                        match other {
+                            Acquire::Granted(p) if backing_off(p.key_id()).is_none() => {
+                                granted = Some((route.clone(), p, est_cost));
+                                break;
                             }
+                            Acquire::Granted(p) => rt.pool.report(p, Fate::NotSent),
+                            Acquire::Wait { until, .. } => hold = hold.min(until),
+                            Acquire::Never(_) => {}
                         }
-                        cheapest_live.get_or_insert(route.tier);
-                        granted = Some((route.clone(), permit, est_cost));
-                        break;
+                        // Don't ask this route again before then: each give-back
+                        // wakes every waiter.
+                        held.insert(route.name(), hold);
+                        note(&mut earliest, hold);
                     }
                     Acquire::Wait { until, .. } => {
-                        cheapest_live.get_or_insert(route.tier);
-                        earliest = Some(earliest.map_or(until, |e| e.min(until)));
+                        bar.get_or_insert(route.tier);
+                        note(&mut earliest, until);
                     }
                     Acquire::Never(why) => never.push(format!("{}: {why}", route.name())),
                 }
+                rt.budgets
+                    .release(&route.provider, est_cost, self.clock.unix_ms());
             }
             let Some((route, permit, est_cost)) = granted else {
-                if cheapest_live.is_none() {
+                if bar.is_none() {
                     return fail(
                         branch,
                         FailureKind::NoRoute,
@@ -263,22 +370,32 @@ impl Executor {
                     );
                 }
                 let wake = earliest.unwrap_or(deadline).min(deadline);
-                let wait_started = now;
                 let changed = rt.pool.changed_since(epoch);
                 let sleep = self.sleep_until(wake);
                 tokio::select! {
                     _ = changed => {},
                     _ = sleep => {},
                 }
-                metrics::histogram!("llmq_limiter_wait_seconds")
-                    .record(self.clock.now().saturating_sub(wait_started).as_secs_f64());
                 continue;
             };
+            // Scale-out: the key's limits, state and probation across every
+            // daemon on this Redis (global.rs); a refusal re-plans at once.
+            let (permit, global_call) = match &rt.global {
+                None => (permit, None),
+                Some(gate) => match gate.admit_permit(&rt.pool, permit).await {
+                    Some((permit, call)) => (permit, Some(call)),
+                    None => {
+                        rt.budgets
+                            .release(&route.provider, est_cost, self.clock.unix_ms());
+                        continue;
+                    }
+                },
+            };
 
-            // One upstream call on this key.
+            // One upstream call on this key, after `now - waiting_since` of waiting.
+            metrics::histogram!(crate::metrics::LIMITER_WAIT_SECONDS)
+                .record(now.saturating_sub(waiting_since).as_secs_f64());
             let key_id = permit.key_id().clone();
-            rt.budgets
-                .reserve(&route.provider, est_cost, self.clock.unix_ms());
             let call_started = self.clock.now();
             let span = tracing::info_span!("call", provider = %route.provider, model = %route.model, key = %key_id);
             let outcome = self
@@ -294,6 +411,15 @@ impl Executor {
                     p
                 });
             let now = self.clock.now();
+            waiting_since = now;
+            if let (Some(gate), Some(call)) = (&rt.global, global_call) {
+                let fate = match &outcome {
+                    Ok(p) => Fate::from_outcome(&p.outcome, 0.0),
+                    Err(CallFailure::Network(_)) => Fate::Transient,
+                    Err(CallFailure::Plugin(_)) => Fate::Untouched,
+                };
+                gate.complete(call, &fate).await;
+            }
             let ms = now.saturating_sub(call_started).as_millis() as u64;
             let outcome_name = match &outcome {
                 Ok(p) => p.outcome.name().to_string(),
@@ -307,7 +433,7 @@ impl Executor {
                 outcome: outcome_name.clone(),
                 ms,
             });
-            metrics::counter!("llmq_upstream_calls_total",
+            metrics::counter!(crate::metrics::UPSTREAM_CALLS_TOTAL,
                 "provider" => route.provider.to_string(),
                 "key" => key_id.to_string(),
                 "outcome" => outcome_name.clone())
@@ -358,9 +484,9 @@ impl Executor {
                             cost_usd: cost,
                         },
                     );
-                    metrics::counter!("llmq_tokens_total", "provider" => route.provider.to_string(), "direction" => "input").increment(usage.input_tokens);
-                    metrics::counter!("llmq_tokens_total", "provider" => route.provider.to_string(), "direction" => "output").increment(usage.output_tokens);
-                    metrics::counter!("llmq_cost_usd_micros_total", "provider" => route.provider.to_string()).increment((cost * 1e6) as u64);
+                    metrics::counter!(crate::metrics::TOKENS_TOTAL, "provider" => route.provider.to_string(), "direction" => "input").increment(usage.input_tokens);
+                    metrics::counter!(crate::metrics::TOKENS_TOTAL, "provider" => route.provider.to_string(), "direction" => "output").increment(usage.output_tokens);
+                    metrics::counter!(crate::metrics::COST_USD_MICROS_TOTAL, "provider" => route.provider.to_string()).increment((cost * 1e6) as u64);
                     branch.status = Status::Succeeded;
                     branch.output = Some(text);
                     branch.usage = Some(UsageOut {
@@ -432,7 +558,32 @@ impl Executor {
                         );
                     }
                 }
-                Outcome::InvalidRequest | Outcome::ContextTooLong => {
+                Outcome::ContextTooLong => {
+                    rt.budgets
+                        .release(&route.provider, est_cost, self.clock.unix_ms());
+                    rt.pool.report(permit, Fate::Untouched);
+                    // The prompt is longer than estimated: only a larger
+                    // context can help.
+                    let name = route.name();
+                    let refused = route.context;
+                    routes.retain(|r| {
+                        r.name() != name
+                            && match (refused, r.context) {
+                                (Some(l), Some(c)) => c > l,
+                                _ => true,
+                            }
+                    });
+                    last_upstream_error = Some(format!("{name}: context too long: {message}"));
+                    if routes.is_empty() {
+                        return fail(
+                            branch,
+                            FailureKind::InvalidRequest,
+                            format!("context_too_long from {name}: {message}"),
+                            now,
+                        );
+                    }
+                }
+                Outcome::InvalidRequest => {
                     rt.budgets
                         .release(&route.provider, est_cost, self.clock.unix_ms());
                     rt.pool.report(permit, Fate::Untouched);
@@ -508,6 +659,11 @@ pub fn redact(message: &str, secret: Option<&str>, masked: &str) -> String {
         Some(s) if s.len() >= 4 && message.contains(s) => message.replace(s, masked),
         _ => message.to_string(),
     }
+}
+
+/// Lowers `earliest` to `t`.
+fn note(earliest: &mut Option<Duration>, t: Duration) {
+    *earliest = Some(earliest.map_or(t, |e| e.min(t)));
 }
 
 fn backoff(tries: u32) -> Duration {
@@ -622,7 +778,7 @@ impl JobHandler for ExecutorHandler {
             let span =
                 tracing::info_span!("job", id = %job.id, lane = %ctx.lane, attempt = ctx.attempt);
             let result = this.execute(&job, &ctx).instrument(span).await;
-            metrics::counter!("llmq_jobs_total", "lane" => ctx.lane.clone(), "outcome" => result.status.as_str())
+            metrics::counter!(crate::metrics::JOBS_TOTAL, "lane" => ctx.lane.clone(), "outcome" => result.status.as_str())
                 .increment(1);
             Disposition::Done(result)
         })
