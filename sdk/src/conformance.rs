@@ -24,7 +24,7 @@
 //!
 //! # Running it
 //!
-//! - [`check_plugin`] (feature `host`) loads the built `cdylib` and runs every
+//! - `check_plugin` (feature `host`) loads the built `cdylib` and runs every
 //!   fixture through the C ABI, as `llmq plugins --check DIR` does;
 //!   [`cdylib_path`] finds the library that `cargo test` built next to the
 //!   test binary.
@@ -186,7 +186,7 @@ pub fn run_fixture(plugin: &LoadedPlugin, fx: &Fixture) -> Result<(), String> {
 }
 
 /// Checks the plugin `P` itself (no `.so`, no C ABI): its manifest and every
-/// fixture in `dir`. The same matching as [`check_plugin`], for the rlib.
+/// fixture in `dir`. The same matching as `check_plugin`, for the rlib.
 pub fn check_direct<P: Plugin>(dir: &Path) -> Result<Report, ConformanceError> {
     let fixtures = load_fixtures(dir)?;
     let manifest = P::manifest();
