@@ -137,6 +137,8 @@ pub struct Daemon {
     /// The keystore's state was restored at start (else [`Daemon::run`]
     /// restores it before taking any job).
     restored: bool,
+    /// The admin API's address and token, validated at start.
+    admin: Option<AdminEndpoint>,
 }
 
 /// How long start-up waits for Redis to restore key state before it goes
@@ -148,6 +150,8 @@ const FINAL_FLUSH: Duration = Duration::from_secs(5);
 /// Starts everything but the queue loop (so callers can reach the parts).
 pub async fn start(opts: &Options) -> Result<Daemon> {
     let settings = opts.load()?;
+    // Fail fast on an unsafe admin address, before plugins or Redis.
+    let admin = admin_endpoint(&settings, &config_name(opts))?;
     let clock: SharedClock = Arc::new(SystemClock::default());
     let plugins = Arc::new(PluginHost::load_dir(std::path::Path::new(
         &settings.config.plugins.dir,
@@ -179,6 +183,7 @@ pub async fn start(opts: &Options) -> Result<Daemon> {
         clock,
         keystore,
         restored,
+        admin,
     })
 }
 
@@ -433,30 +438,61 @@ fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
     }))
 }
 
+/// Where the admin API listens and the token it requires.
+#[derive(Clone)]
+struct AdminEndpoint {
+    addr: std::net::SocketAddr,
+    token: Option<secrecy::SecretString>,
+}
+
+/// The config file's name for error messages.
+fn config_name(opts: &Options) -> String {
+    opts.config
+        .as_ref()
+        .map_or_else(|| "config".to_string(), |p| p.display().to_string())
+}
+
+/// Validates `[admin]` before anything starts: `None` when the API is off;
+/// an error naming `admin.listen` for a bad address, or for a non-loopback
+/// address without a token.
+fn admin_endpoint(settings: &Settings, file: &str) -> Result<Option<AdminEndpoint>> {
+    let cfg = &settings.config.admin;
+    let listen = cfg.listen.trim();
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+        Error::config(
+            file,
+            "admin.listen",
+            format!("host:port, e.g. 127.0.0.1:9090 (got {listen:?})"),
+        )
+    })?;
+    let token = settings
+        .env
+        .secret(&cfg.token_env)
+        .cloned()
+        .filter(|t| !secrecy::ExposeSecret::expose_secret(t).trim().is_empty());
+    crate::admin::check_listen(&addr, token.as_ref()).map_err(|e| {
+        let message = match e {
+            crate::admin::AdminError::NotFound(m)
+            | crate::admin::AdminError::BadRequest(m)
+            | crate::admin::AdminError::Unavailable(m)
+            | crate::admin::AdminError::Internal(m) => m,
+        };
+        Error::config(file, "admin.listen", message)
+    })?;
+    Ok(Some(AdminEndpoint { addr, token }))
+}
+
 /// Starts the admin API when `admin.listen` is set.
 async fn spawn_admin(
     daemon: &Daemon,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<tokio::task::JoinHandle<()>>> {
-    let cfg = &daemon.settings.config.admin;
-    if cfg.listen.trim().is_empty() {
+    let Some(AdminEndpoint { addr, token }) = daemon.admin.clone() else {
         return Ok(None);
-    }
-    let addr: std::net::SocketAddr = cfg.listen.parse().map_err(|_| {
-        Error::config(
-            "config",
-            "admin.listen",
-            format!("host:port, e.g. 127.0.0.1:9090 (got {:?})", cfg.listen),
-        )
-    })?;
-    let token = daemon
-        .settings
-        .env
-        .secret(&cfg.token_env)
-        .cloned()
-        .filter(|t| !secrecy::ExposeSecret::expose_secret(t).trim().is_empty());
-    crate::admin::check_listen(&addr, token.as_ref())
-        .map_err(|e| Error::config("config", "admin.listen", e.to_string()))?;
+    };
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(listen = %listener.local_addr()?, auth = token.is_some(), "admin API listening");
     let metrics = crate::metrics::install().ok();
