@@ -1,0 +1,244 @@
+//! The daemon's life cycle as an operator drives it, on the real `llmq
+//! serve` process: SIGHUP reloads the keys of `--env-file` without failing
+//! a job in flight (an added key is used, a removed one is not), and bad
+//! start-ups fail fast with an exit code and a message that names the
+//! culprit (config field, plugin file, unsafe admin listen address).
+
+#[path = "support/e2e.rs"]
+mod e2e;
+
+use e2e::*;
+use llmq::job::Status;
+use llmq_mock::{KeySpec, MockConfig, Protocol};
+use llmq_testkit::daemon::write_env_file;
+use llmq_testkit::{plugin_dir, RedisServer};
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const K1: &str = "sk-test-reload-key-000000001";
+const K2: &str = "sk-test-reload-key-000000002";
+const K3: &str = "sk-test-reload-key-000000003";
+const TOKEN: &str = "reload-admin-token-1b2c";
+const WAIT: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sighup_reloads_keys_from_the_env_file_without_failing_jobs() {
+    let redis = RedisServer::start();
+    let mock = mock(
+        MockConfig::default()
+            .key(KeySpec::new(K1).label("p#1").latency_ms(300))
+            .key(KeySpec::new(K2).label("p#2").latency_ms(300))
+            .key(KeySpec::new(K3).label("p#3").latency_ms(300)),
+    )
+    .await;
+    let listen = free_listen();
+    let providers = [Provider::new("p", Protocol::OpenAi, "free", "a")];
+    let cfg = with_admin(
+        &config(&redis, &mock, &providers, "[queue]\nconcurrency = 8\n"),
+        &listen,
+    );
+    // Keys only in the env file (the process env would win over it and
+    // could not be taken away): start once to get the daemon's dir, write
+    // the file, start again on the same dir.
+    let spec = spec(cfg).env("LLMQ_ADMIN_TOKEN", TOKEN);
+    let mut daemon = start(&spec);
+    write_env_file(
+        &daemon.env_file(),
+        &[("P_API_KEY_1", K1), ("P_API_KEY_2", K2)],
+    );
+    daemon.restart(&spec);
+    let admin = Admin::new(&listen, Some(TOKEN));
+    admin.wait_up(&mut daemon, WAIT).await;
+    let ids_of = |keys: serde_json::Value| -> Vec<String> {
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids_of(admin.get("/v1/keys").await.json()), ["p#1", "p#2"]);
+
+    // Jobs in flight (300 ms each, 8 at a time) when the reload happens.
+    let first: Vec<String> = (0..16).map(|i| format!("before-{i}")).collect();
+    for id in &first {
+        push(&redis, "normal", &job(id));
+    }
+    eventually(WAIT, "calls in flight at the mock", || {
+        mock.stats().total_calls >= 4
+    });
+    write_env_file(
+        &daemon.env_file(),
+        &[("P_API_KEY_1", K1), ("P_API_KEY_3", K3)],
+    );
+    let reloads_before = daemon.log().matches("reloaded config and keys").count();
+    daemon.signal("HUP");
+    eventually(WAIT, "the reload to be logged", || {
+        daemon.log().matches("reloaded config and keys").count() > reloads_before
+    });
+    let done_at_reload = {
+        let mut c = redis.client();
+        let keys: Vec<String> = first.iter().map(|id| format!("llmq:result:{id}")).collect();
+        let n: usize = redis::cmd("EXISTS").arg(&keys).query(&mut c).unwrap();
+        n
+    };
+    assert!(
+        done_at_reload < first.len(),
+        "the reload came after every job had finished; nothing was in flight"
+    );
+    assert_eq!(ids_of(admin.get("/v1/keys").await.json()), ["p#1", "p#3"]);
+    let p2_calls = mock.stats().keys["p#2"].calls;
+
+    let second: Vec<String> = (0..16).map(|i| format!("after-{i}")).collect();
+    for id in &second {
+        push(&redis, "normal", &job(id));
+    }
+    let before = tokio::task::block_in_place(|| wait_results(&redis, &daemon, &first, WAIT));
+    let after = tokio::task::block_in_place(|| wait_results(&redis, &daemon, &second, WAIT));
+
+    // No job in flight during the reload failed or was retried.
+    for r in &before {
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        assert_eq!(r.attempts.len(), 1, "{r:?}");
+    }
+    // After it: the new key serves, the removed one gets nothing.
+    for r in &after {
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        assert!(
+            r.attempts.iter().all(|a| a.key != "p#2"),
+            "a removed key was used: {r:?}"
+        );
+    }
+    let used: BTreeSet<&str> = after.iter().filter_map(|r| r.key.as_deref()).collect();
+    assert!(
+        used.contains("p#3"),
+        "the added key was never used: {used:?}"
+    );
+    let stats = mock.stats();
+    assert_eq!(
+        stats.keys["p#2"].calls, p2_calls,
+        "p#2 called after the reload"
+    );
+    assert!(stats.keys["p#3"].calls >= 1, "{stats:?}");
+    assert_eq!(stats.total_429, 0);
+    assert_eq!(daemon.stop(), Some(0), "{}", tail(&daemon.log(), 30));
+}
+
+/// Runs `llmq serve` with this config (and `env`); returns its exit code
+/// and stderr. Killed (and the test failed) if it is still up after 10 s.
+fn serve_exit(config: &str, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("llmq.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmq"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", dir.path())
+        .envs(env.iter().copied())
+        .current_dir(dir.path())
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("llmq serve did not refuse to start:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status.code().unwrap_or(-1), err, path.display().to_string())
+}
+
+#[test]
+fn a_bad_config_exits_2_naming_the_file_and_field() {
+    let cfg = format!(
+        "[redis]\nurl = \"redis://127.0.0.1:1\"\n[plugins]\ndir = \"{}\"\n[queue]\nconcurrency = \"lots\"\n",
+        plugin_dir().display()
+    );
+    let (code, err, path) = serve_exit(&cfg, &[], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&path), "names the file: {err}");
+    assert!(err.contains("queue.concurrency"), "names the field: {err}");
+
+    // A field that does not exist is named too.
+    let cfg = cfg.replace("concurrency = \"lots\"", "concurency = 4");
+    let (code, err, _) = serve_exit(&cfg, &[], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("concurency"), "names the unknown field: {err}");
+}
+
+#[test]
+fn a_bad_abi_plugin_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(plugin_dir()).unwrap() {
+        let f = entry.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let bad = llmq_testkit::fixture_plugin("bad-abi");
+    let bad_copy = dir.path().join(bad.file_name().unwrap());
+    std::fs::copy(&bad, &bad_copy).unwrap();
+    let cfg = format!(
+        "[redis]\nurl = \"redis://127.0.0.1:1\"\n[plugins]\ndir = \"{}\"\n",
+        dir.path().display()
+    );
+    let (code, err, _) = serve_exit(&cfg, &[], &[]);
+    assert_ne!(code, 0, "{err}");
+    let name = bad_copy.file_name().unwrap().to_str().unwrap();
+    assert!(err.contains(name), "names the plugin file: {err}");
+    assert!(
+        err.to_lowercase().contains("abi"),
+        "says what is wrong: {err}"
+    );
+}
+
+#[test]
+fn a_public_admin_listen_without_a_token_is_refused() {
+    let port = llmq_testkit::free_port();
+    let cfg = format!(
+        "[redis]\nurl = \"redis://127.0.0.1:1\"\n[plugins]\ndir = \"{}\"\n[admin]\nlisten = \"0.0.0.0:{port}\"\n",
+        plugin_dir().display()
+    );
+    let started = Instant::now();
+    let (code, err, path) = serve_exit(&cfg, &[], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused before waiting on Redis"
+    );
+    assert!(err.contains(&path), "names the file: {err}");
+    assert!(err.contains("admin.listen"), "names the field: {err}");
+    assert!(!err.contains("bad request"), "{err}");
+    assert!(
+        err.contains("refusing to serve the admin API on non-loopback 0.0.0.0"),
+        "{err}"
+    );
+    assert!(
+        err.contains("LLMQ_ADMIN_TOKEN"),
+        "says how to fix it: {err}"
+    );
+
+    // A blank token counts as none.
+    let (code, err, _) = serve_exit(&cfg, &[("LLMQ_ADMIN_TOKEN", "  ")], &[]);
+    assert_eq!(code, 2, "{err}");
+}
