@@ -130,8 +130,8 @@ pub async fn run(_g: &GlobalArgs, args: &DemoArgs) -> Result<i32> {
     let snapshots = pool.snapshot();
     println!("\nper key (the daemon's view; calls and 429s from the mock provider):");
     println!(
-        "{:<8} {:<6} {:<11} {:>6} {:>6} {:>5}  {}",
-        "KEY", "TIER", "STATUS", "CALLS", "OK", "429s", "REASON"
+        "{:<8} {:<6} {:<11} {:>6} {:>6} {:>5}  REASON",
+        "KEY", "TIER", "STATUS", "CALLS", "OK", "429s"
     );
     for s in &snapshots {
         let label = s.id.to_string();
