@@ -19,7 +19,7 @@
 //! tier of the first live route in plan order (in cost order: the cheapest
 //! live tier) is the bar. Routes of a dearer tier are held back until
 //! `routing.wait_for_cheaper` has passed since the job (the fan-out branch)
-//! started running; then the dearest tier the job allows is fair game. A job
+//! started running; after that every route is tried in plan order. A job
 //! whose cheaper tier is merely saturated therefore pays at most
 //! `wait_for_cheaper` in latency before it spills, and a job whose cheaper
 //! tier is dead (no keys, all disabled) spills at once.
@@ -40,13 +40,15 @@
 //!
 //! **Budgets.** A route whose provider has `budget_usd_per_day` is tried
 //! only while today's spend plus the reservations of calls in flight plus
-//! this job's estimate (prompt + all of `max_tokens`, an upper bound) stays
-//! under the cap; so spend never exceeds the cap by more than one job's
-//! estimation error. When only reservations stand in the way the route stays
-//! live (the job waits: calls in flight may settle for less). When today's
-//! spend alone leaves no room the route is out for the day: other routes are
-//! used if the job has any, and when it has none it fails at once with
-//! `no_route` and a message naming the budget that was reached.
+//! this job's estimate (prompt + all of `max_tokens`) stays under the cap,
+//! checked and reserved in one step. The estimate bounds the bill unless the
+//! upstream counts more prompt tokens than llmq estimates, so spend stays
+//! under the cap (or over it by at most that error of the calls in flight).
+//! When only reservations stand in the way, the route stays live: the job
+//! waits, as calls in flight may settle for less. When today's spend alone
+//! leaves no room, the route is out for the day: other routes are used if
+//! the job has any, and when it has none it fails at once with `no_route`
+//! and a message naming the budget that was reached.
 //!
 //! **Upstream answers.**
 //! - `rate_limited` (429): the pool cools the key down for the upstream's

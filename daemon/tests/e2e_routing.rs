@@ -214,11 +214,24 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_fills_free_then_spills_to_paid_and_returns_to_free_after_the_window() {
+    spill_and_return(Some(4000)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "real 60 s window; run with --ignored"]
+async fn spill_and_return_with_real_minute_windows() {
+    spill_and_return(None).await;
+}
+
+/// The spill/return scenario; `window_ms = None` is the real minute (no
+/// `window` in the daemon's config).
+async fn spill_and_return(window_ms: Option<u64>) {
     let t_test = Instant::now();
+    let window_line = window_ms.map_or(String::new(), |ms| format!("window = \"{ms}ms\""));
     let redis = RedisServer::start();
     let mock = mock(
         MockConfig::default()
-            .window_ms(4000)
+            .window_ms(window_ms.unwrap_or(60_000))
             .key(key("fr#1").rpm(30))
             .key(key("fr#2").rpm(30))
             .key(key("pd#1").rpm(1000)),
@@ -228,13 +241,13 @@ async fn a_burst_fills_free_then_spills_to_paid_and_returns_to_free_after_the_wi
         provider(
             "fr",
             "free",
-            &["limits = { rpm = 30 }", "window = \"4s\""],
+            &["limits = { rpm = 30 }", &window_line],
             &[model("fr", "m-free", &["json"], Some(100_000), (0.0, 0.0))],
         ),
         provider(
             "pd",
             "paid",
-            &["limits = { rpm = 1000 }", "window = \"4s\""],
+            &["limits = { rpm = 1000 }", &window_line],
             &[model("pd", "m-paid", &["json"], Some(100_000), (0.5, 1.5))],
         ),
     ];
@@ -244,6 +257,7 @@ async fn a_burst_fills_free_then_spills_to_paid_and_returns_to_free_after_the_wi
         &providers,
         "[routing]\nwait_for_cheaper = \"300ms\"\n",
     );
+    let window = Duration::from_millis(window_ms.unwrap_or(60_000));
     let admin_port = free_port();
     let daemon = start_daemon(cfg, &["fr#1", "fr#2", "pd#1"], Some(admin_port));
     let admin = Admin::new(admin_port).await;
@@ -263,7 +277,7 @@ async fn a_burst_fills_free_then_spills_to_paid_and_returns_to_free_after_the_wi
             // It waited `wait_for_cheaper` for free capacity, then spilled
             // without waiting for the free window to reopen.
             assert!(
-                (300..4000).contains(&r.duration_ms),
+                r.duration_ms >= 300 && u128::from(r.duration_ms) < window.as_millis(),
                 "paid job should spill after 300 ms: {r:?}"
             );
         }
@@ -282,7 +296,7 @@ async fn a_burst_fills_free_then_spills_to_paid_and_returns_to_free_after_the_wi
     // Return: once the free window has passed, a new burst goes to free only.
     let t_wait = Instant::now();
     poll(
-        Duration::from_secs(8),
+        window + Duration::from_secs(4),
         "free windows empty again",
         || async {
             admin.key("fr#1").await["window"]["requests"] == 0
