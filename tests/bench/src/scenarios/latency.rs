@@ -352,7 +352,7 @@ async fn open_loop(
         .iter()
         .zip(tail.done_ns.iter())
         .filter(|(&e, _)| e >= first_ns + warmup_ns)
-        .map(|(&e, d)| (d.load(Ordering::Acquire) - 1) as f64 - e as f64)
+        .map(|(&e, d)| (d.load(Ordering::Acquire).saturating_sub(1)) as f64 - e as f64)
         .map(|ns| ns / 1e6)
         .collect();
     if e2e.is_empty() {
@@ -388,7 +388,7 @@ async fn idle_pickup(ctx: &Ctx, system: System, mock: &MockServer) -> Result<Vec
             return Err(worker.fail(format!("job {seq} got no result within 10 s")));
         }
         if seq >= IDLE_WARMUP {
-            let done = tail.done_ns[seq].load(Ordering::Acquire) - 1;
+            let done = tail.done_ns[seq].load(Ordering::Acquire).saturating_sub(1);
             out.push((done as f64 - t as f64) / 1e6);
         }
     }
