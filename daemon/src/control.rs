@@ -136,6 +136,11 @@ impl AdminBackend for Control {
                 .pool
                 .reset(&key)
                 .map_err(|e| AdminError::NotFound(e.to_string()))?;
+            if let Some(gate) = &self.executor.runtime().global {
+                gate.reset(&key)
+                    .await
+                    .map_err(|e| AdminError::Unavailable(e.to_string()))?;
+            }
             self.persist(&key).await;
             self.view(&key)
         })
@@ -151,6 +156,11 @@ impl AdminBackend for Control {
                 .pool
                 .disable(&key, &reason)
                 .map_err(|e| AdminError::NotFound(e.to_string()))?;
+            if let Some(gate) = &self.executor.runtime().global {
+                gate.disable(&key, &reason)
+                    .await
+                    .map_err(|e| AdminError::Unavailable(e.to_string()))?;
+            }
             self.persist(&key).await;
             self.view(&key)
         })
@@ -281,7 +291,12 @@ impl AdminBackend for Control {
     }
 
     fn cluster(&self) -> BoxFuture<'_, Result<serde_json::Value, AdminError>> {
-        Box::pin(async move { Ok(serde_json::json!([])) })
+        Box::pin(async move {
+            let members = crate::cluster::list(&mut self.redis.clone())
+                .await
+                .map_err(|e| AdminError::Unavailable(e.to_string()))?;
+            serde_json::to_value(members).map_err(|e| AdminError::Internal(e.to_string()))
+        })
     }
 }
 
