@@ -77,6 +77,8 @@ pub enum Command {
     Plugins(PluginsArgs),
     /// Validate the config and keys, then exit.
     CheckConfig,
+    /// List the daemons sharing this Redis (scale-out membership).
+    Cluster,
     /// Run a self-contained demo: private Redis, mock provider, daemon, mixed load.
     Demo(DemoArgs),
 }

@@ -23,6 +23,8 @@ pub struct Config {
     pub keys: KeysConfig,
     pub plugins: PluginsConfig,
     pub admin: AdminConfig,
+    /// Several daemons on one Redis (`[cluster]`, see `global` and `cluster`).
+    pub cluster: ClusterConfig,
     /// Providers by name. After loading, this is the catalog merged with the
     /// user's file, field by field.
     pub providers: BTreeMap<String, ProviderConfig>,
@@ -113,6 +115,28 @@ pub struct AdminConfig {
     pub listen: String,
     /// Name of the env var holding the bearer token.
     pub token_env: String,
+}
+
+/// Scale-out: every daemon on the same Redis behaves as one system.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Admit every rate-limited call through Redis as well, so limits, key
+    /// states and probation hold across daemons (one round trip per call).
+    pub enabled: bool,
+    /// How often this daemon renews its entry in the member list; an entry
+    /// expires after three missed beats.
+    #[serde(with = "humantime_serde_compat")]
+    pub heartbeat: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: true,
+            heartbeat: Duration::from_secs(1),
+        }
+    }
 }
 
 /// The shape of a limit: how a per-window budget is enforced.

@@ -467,7 +467,11 @@ impl Executor {
                     continue;
                 }
             };
-            rt.pool.observe(&key_id, &parsed.limits);
+            let observed = match &rt.global {
+                Some(gate) => gate.observed(&key_id, &parsed.limits),
+                None => parsed.limits,
+            };
+            rt.pool.observe(&key_id, &observed);
             let message = parsed.message.clone().unwrap_or_default();
             match parsed.outcome {
                 Outcome::Success {

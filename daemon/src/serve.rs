@@ -121,6 +121,7 @@ pub fn build_runtime(
         pool,
         plugins,
         budgets: Arc::new(budgets),
+        global: None,
     })
 }
 
@@ -166,7 +167,8 @@ pub async fn start(opts: &Options) -> Result<Daemon> {
     let keystore = Arc::new(KeyStore::new(queue.connection(), (*pool).clone()));
     // Daily counters, cooldowns and disabled keys come back before routing.
     let restored = restore_once(&keystore, RESTORE_AT_START).await;
-    let runtime = build_runtime(&settings, pool.clone(), plugins, &clock)?;
+    let mut runtime = build_runtime(&settings, pool.clone(), plugins, &clock)?;
+    runtime.global = crate::global::gate_for(&settings.config, &settings.ring, &queue);
     let upstream = Upstream::new(DEFAULT_TIMEOUT).map_err(|e| Error::Other(e.to_string()))?;
     let executor = Arc::new(Executor::new(runtime, upstream, clock.clone()));
     tracing::info!(
@@ -322,6 +324,8 @@ fn log_disposition(id: &str, lane: &str, attempt: u32, d: &Disposition) {
 /// `llmq serve`: start, notify systemd, handle signals, drain on stop.
 pub async fn serve(opts: Options) -> Result<()> {
     let daemon = start(&opts).await?;
+    // Membership heartbeat and cross-daemon key states (cluster.rs).
+    let node = crate::cluster::Node::start(&daemon);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let admin = spawn_admin(&daemon, stop_rx.clone()).await?;
 
@@ -348,6 +352,7 @@ pub async fn serve(opts: Options) -> Result<()> {
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     };
     let result = daemon.run(shutdown).await;
+    node.stop().await;
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -382,7 +387,11 @@ impl ReloadHandle {
             }
         }
         self.pool.reload(&settings.config, &settings.ring);
-        let runtime = build_runtime(&settings, self.pool.clone(), Arc::new(host), &self.clock)?;
+        let mut runtime = build_runtime(&settings, self.pool.clone(), Arc::new(host), &self.clock)?;
+        runtime.global = old.global.clone();
+        if let Some(gate) = &runtime.global {
+            gate.configure(&settings.config, &settings.ring);
+        }
         self.executor.replace_runtime(runtime);
         tracing::info!(
             keys = settings.ring.len(),

@@ -96,6 +96,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::CheckConfig => check_config(g),
         Command::Keys(args) => keys::keys(g, &options(g), args.action.as_ref()).await,
         Command::Usage(args) => keys::usage(g, &options(g), args.since.as_deref()).await,
+        Command::Cluster => crate::cluster::command(g).await,
         Command::Demo(args) => crate::demo::run(g, args).await,
     }
 }
