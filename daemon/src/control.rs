@@ -250,8 +250,10 @@ impl AdminBackend for Control {
             let text =
                 serde_json::to_string(&body).map_err(|e| AdminError::BadRequest(e.to_string()))?;
             let mut conn = self.redis.clone();
+            // The operator is waiting: the first (highest-priority) lane.
+            let lane = self.lanes.first().map_or("high", String::as_str);
             let id =
-                crate::queue::push_limited(&mut conn, "high", &text, rt.config.queue.max_job_bytes)
+                crate::queue::push_limited(&mut conn, lane, &text, rt.config.queue.max_job_bytes)
                     .await
                     .map_err(|e| AdminError::BadRequest(e.to_string()))?;
             let timeout = body

@@ -205,6 +205,17 @@ async fn every_admin_endpoint_against_the_real_daemon() {
     assert_eq!(dj["id"], "p#1");
     assert_eq!(dj["status"], "disabled");
     assert_eq!(dj["reason"], "e2e: parked by operator");
+    // Persisted before the answer: the keystore hash already says so.
+    assert_eq!(
+        keystore_status(&s.redis, "p#1").as_deref(),
+        Some("disabled")
+    );
+    let reason: Option<String> = redis::cmd("HGET")
+        .arg("llmq:key:p#1")
+        .arg("reason")
+        .query(&mut s.redis.client())
+        .unwrap();
+    assert_eq!(reason.as_deref(), Some("e2e: parked by operator"));
     let kj = admin.get("/v1/keys").await.json();
     assert_eq!(key_row(&kj, "p#1")["status"], "disabled");
     let before = calls(&s.mock, "p#1");
@@ -220,6 +231,10 @@ async fn every_admin_endpoint_against_the_real_daemon() {
     let r = admin.post("/v1/keys/p%231/reset", None).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["status"], "available");
+    assert_eq!(
+        keystore_status(&s.redis, "p#1").as_deref(),
+        Some("available")
+    );
     let back = run_jobs(&s, "back", "a", 6).await;
     assert!(
         back.iter().any(|r| r.key.as_deref() == Some("p#1")),
