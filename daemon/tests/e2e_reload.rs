@@ -242,3 +242,77 @@ fn a_public_admin_listen_without_a_token_is_refused() {
     let (code, err, _) = serve_exit(&cfg, &[("LLMQ_ADMIN_TOKEN", "  ")], &[]);
     assert_eq!(code, 2, "{err}");
 }
+
+/// Redis down when the daemon starts: it serves its admin API, takes no job
+/// until Redis is back and the stored key state is restored, and then
+/// honours it (a key a previous run disabled stays disabled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_state_is_restored_when_redis_comes_back_after_start() {
+    let mut redis = RedisServer::start_with(llmq_testkit::Persistence::Aof);
+    let mock = mock(
+        MockConfig::default()
+            .key(KeySpec::new(K1).label("p#1"))
+            .key(KeySpec::new(K2).label("p#2")),
+    )
+    .await;
+    {
+        // What an earlier run left: p#1 disabled, no probe for an hour.
+        let now = llmq::clock::Clock::unix_ms(&llmq::clock::SystemClock::default());
+        let _: () = redis::cmd("HSET")
+            .arg("llmq:key:p#1")
+            .arg("status")
+            .arg("disabled")
+            .arg("reason")
+            .arg("auth_failed")
+            .arg("since_ms")
+            .arg(now)
+            .arg("next_probe_ms")
+            .arg(now + 3_600_000)
+            .query(&mut redis.client())
+            .unwrap();
+    }
+    redis.kill();
+    let listen = free_listen();
+    let providers = [Provider::new("p", Protocol::OpenAi, "free", "a")];
+    let spec = spec(with_admin(&config(&redis, &mock, &providers, ""), &listen))
+        .env("P_API_KEY_1", K1)
+        .env("P_API_KEY_2", K2)
+        .env("LLMQ_ADMIN_TOKEN", TOKEN);
+    let mut daemon = start(&spec);
+    let admin = Admin::new(&listen, Some(TOKEN));
+    admin.wait_up(&mut daemon, WAIT).await;
+    assert!(
+        daemon.log().contains("key state not restored yet"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(admin.with_token(None).get("/readyz").await.status, 503);
+
+    redis.restart();
+    let ids: Vec<String> = (0..6).map(|i| format!("late-{i}")).collect();
+    for id in &ids {
+        push(&redis, "normal", &job(id));
+    }
+    let results = tokio::task::block_in_place(|| wait_results(&redis, &daemon, &ids, WAIT));
+    assert!(daemon.log().contains("key state restored from redis"));
+    for r in &results {
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        assert_eq!(r.key.as_deref(), Some("p#2"), "{r:?}");
+    }
+    assert_eq!(
+        mock.stats().keys["p#1"].calls,
+        0,
+        "the disabled key was called"
+    );
+    let keys = admin.get("/v1/keys").await.json();
+    let p1 = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == "p#1")
+        .unwrap()
+        .clone();
+    assert_eq!(p1["status"], "disabled", "{p1}");
+    assert_eq!(p1["reason"], "auth_failed", "{p1}");
+    assert_eq!(daemon.stop(), Some(0), "{}", tail(&daemon.log(), 30));
+}
