@@ -22,7 +22,9 @@ fn main() {
             Ok(code) => code,
             Err(e) => {
                 let e: anyhow::Error = e.into();
-                eprintln!("llmq: {e:#}");
+                // Our Error's Display already includes its source's message,
+                // so the alternate (chained) form would say everything twice.
+                eprintln!("llmq: {e}");
                 match e.downcast_ref::<llmq::Error>() {
                     Some(llmq::Error::Config { .. }) => exit::CONFIG,
                     _ => exit::FAILURE,
