@@ -43,7 +43,7 @@ use crate::config::Config;
 use crate::keys::{KeyId, KeyRing};
 use crate::keystore::KEY_EVENTS_CHANNEL;
 use crate::limits::{Now, DEFAULT_WINDOW};
-use crate::pool::{Fate, KeyPool, KeyStatus, Permit, Restored, StateRecord};
+use crate::pool::{Fate, KeyPool, KeyState, KeyStatus, Permit, Restored, StateRecord};
 use futures::StreamExt;
 use llmq_sdk::ObservedLimits;
 use redis::aio::ConnectionManager;
@@ -62,6 +62,9 @@ pub const MAX_CALL: Duration = Duration::from_secs(125);
 /// How soon a daemon asks again while another daemon's first call to a new
 /// key is in flight (probation has no cross-daemon wake-up).
 pub const PROBATION_RETRY: Duration = Duration::from_millis(50);
+/// The longest a key the gate says is disabled is held back locally before
+/// this daemon asks again (a reset elsewhere is seen by then at the latest).
+pub const DISABLED_RECHECK: Duration = Duration::from_secs(5);
 /// How long a key is held back locally when Redis does not answer: the
 /// gate fails closed, never over the limits.
 pub const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
@@ -834,15 +837,23 @@ impl GlobalGate {
                         .next_probe_in
                         .map(|n| now.unix_ms + n.as_millis().max(1) as u64),
                 };
-                // Ours is already disabled when this was a due probe that
-                // another daemon is running: take the gate's schedule.
-                let _ = pool.restore(
+                // When ours is disabled too (this was a due probe that another
+                // daemon runs, or an operator disabled the key) the local
+                // schedule stays: hold the key back until the gate's next
+                // probe, re-asking at least every DISABLED_RECHECK.
+                let hold = d
+                    .next_probe_in
+                    .unwrap_or(DISABLED_RECHECK)
+                    .clamp(Duration::from_millis(1), DISABLED_RECHECK);
+                pool.observe(
                     &id,
-                    Restored {
-                        state: Some(record),
+                    &ObservedLimits {
+                        requests_remaining: Some(0),
+                        requests_reset_ms: Some(hold.as_millis() as u64),
                         ..Default::default()
                     },
                 );
+                apply(pool, &id, record, now);
             }
         }
         pool.report(permit, Fate::NotSent);
@@ -1017,6 +1028,7 @@ impl GlobalGate {
                         return Err(GateError::Protocol("subscription closed".into()));
                     };
                     let Ok(payload) = msg.get_payload::<String>() else { continue };
+                    tracing::trace!(%payload, "cluster: key event");
                     let Ok(ev) = serde_json::from_str::<EventIn>(&payload) else { continue };
                     let Ok(id) = ev.id.parse::<KeyId>() else { continue };
                     if ev.record.status == KeyStatus::Available {
@@ -1063,14 +1075,24 @@ fn apply(pool: &KeyPool, id: &KeyId, theirs: StateRecord, now: Now) -> bool {
     if !should_apply(&mine, &theirs, now.unix_ms) {
         return false;
     }
-    pool.restore(
-        id,
-        Restored {
-            state: Some(theirs),
-            ..Default::default()
-        },
-    )
-    .is_ok()
+    tracing::debug!(key = %id, ?mine, ?theirs, "cluster: key state from another daemon");
+    if theirs.status == KeyStatus::Available {
+        // A reset or a successful probe elsewhere. (`restore` never replaces
+        // a state set in this run.) This re-publishes "available" once; the
+        // other daemons already have it and ignore it.
+        return pool.reset(id).is_ok();
+    }
+    // Only over an available key; a cooling one learns it from the gate.
+    local == KeyState::Available
+        && pool
+            .restore(
+                id,
+                Restored {
+                    state: Some(theirs),
+                    ..Default::default()
+                },
+            )
+            .is_ok()
 }
 
 fn parse_state(v: &Value) -> Result<GateState, GateError> {
