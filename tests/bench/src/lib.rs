@@ -88,6 +88,10 @@ pub struct Sizes {
     pub burn_keys: usize,
     /// Jobs run at once, by llmq and by the baseline loop.
     pub concurrency: usize,
+    /// Burn-down and key-scaling runs are repeated this often, in
+    /// alternating order, keeping each side's best: other work on the
+    /// machine only ever slows a run down.
+    pub repeats: usize,
     /// Length of each open-loop latency run.
     pub latency_secs: f64,
     /// Jobs enqueued in the first seconds of a latency run are not counted.
@@ -122,12 +126,14 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    /// The full suite: about 3 minutes on a 2-core machine, well inside 10.
+    /// The full suite: about 3 minutes on a 2-core machine (plus the
+    /// release build), well inside the 10-minute budget.
     pub fn full() -> Sizes {
         Sizes {
             burn_jobs: 100_000,
             burn_keys: 10,
             concurrency: 256,
+            repeats: 2,
             latency_secs: 10.0,
             latency_warmup_secs: 1.0,
             latency_mock_ms: 50,
@@ -155,6 +161,7 @@ impl Sizes {
             burn_jobs: 500,
             burn_keys: 10,
             concurrency: 64,
+            repeats: 1,
             latency_secs: 0.6,
             latency_warmup_secs: 0.1,
             latency_mock_ms: 50,

@@ -91,6 +91,22 @@ impl Rig {
     }
 }
 
+/// Keeps the run with the higher `score`.
+pub fn keep_best(slot: &mut Option<Burn>, run: Burn, score: fn(&Burn) -> f64) {
+    if slot.is_none_or(|best| score(&run) > score(&best)) {
+        *slot = Some(run);
+    }
+}
+
+/// The systems of repeat `r`, in alternating order (A B, B A, …).
+pub fn systems_for_repeat(ctx: &Ctx, r: usize) -> Vec<System> {
+    let mut v = systems(ctx);
+    if r % 2 == 1 {
+        v.reverse();
+    }
+    v
+}
+
 /// What one burn-down measured.
 #[derive(Debug, Clone, Copy)]
 pub struct Burn {
