@@ -460,11 +460,24 @@ async fn gate_cost_per_admission() {
         let avg = v.iter().sum::<Duration>() / v.len() as u32;
         (avg, v[v.len() / 2], v[v.len() * 99 / 100])
     };
+    // The floor: a PING round trip on a connection of the same kind.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let mut ping = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+        ping.push(t.elapsed());
+    }
     let (a_avg, a_p50, a_p99) = stats(&mut admit);
     let (c_avg, c_p50, c_p99) = stats(&mut complete);
+    let (p_avg, p_p50, p_p99) = stats(&mut ping);
     let st = g.state(&id).await.unwrap();
     eprintln!(
-        "gate cost, {n} sequential calls on one key ({} in its window): admit avg {a_avg:?} p50 {a_p50:?} p99 {a_p99:?}; complete avg {c_avg:?} p50 {c_p50:?} p99 {c_p99:?}",
+        "gate cost, {n} sequential calls on one key ({} in its window): admit avg {a_avg:?} p50 {a_p50:?} p99 {a_p99:?}; complete avg {c_avg:?} p50 {c_p50:?} p99 {c_p99:?}; PING round trip avg {p_avg:?} p50 {p_p50:?} p99 {p_p99:?}",
         st.window_calls
     );
     assert_eq!(st.window_calls, n as u64);
