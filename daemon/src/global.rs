@@ -931,6 +931,29 @@ impl GlobalGate {
         parse_state(&v)
     }
 
+    /// Many keys' states, pipelined (256 keys per round trip).
+    pub async fn states(&self, keys: &[KeyId]) -> Result<Vec<GateState>, GateError> {
+        let mut conn = self.conn.clone();
+        let sha = self.state.load_async(&mut conn).await?;
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(256) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("EVALSHA")
+                    .arg(&sha)
+                    .arg(2)
+                    .arg(window_key(key))
+                    .arg(state_key(key))
+                    .arg(self.limits(key).window.as_micros() as u64);
+            }
+            let answers: Vec<Value> = pipe.query_async(&mut conn).await?;
+            for v in &answers {
+                out.push(parse_state(v)?);
+            }
+        }
+        Ok(out)
+    }
+
     fn warn(&self, key: &KeyId, what: &str, e: &dyn std::fmt::Display) {
         let now = wall_ms();
         let last = self.warned_ms.load(Ordering::Relaxed);
@@ -948,8 +971,9 @@ impl GlobalGate {
     /// (after a (re)subscription, when events may have been missed).
     pub async fn resync(&self, pool: &KeyPool) -> Result<usize, GateError> {
         let mut applied = 0;
-        for id in pool.key_ids() {
-            let st = self.state(&id).await?;
+        let ids = pool.key_ids();
+        let states = self.states(&ids).await?;
+        for (id, st) in ids.into_iter().zip(states) {
             let now = Now::of(&**pool.clock());
             let record = if let Some(d) = st.disabled {
                 StateRecord {

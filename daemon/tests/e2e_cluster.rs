@@ -428,6 +428,277 @@ async fn gate_reaps_the_slots_of_a_dead_daemon() {
     drop(orphan);
 }
 
+/// Scripts Redis has run (`EVALSHA` calls) so far.
+fn evalsha_calls(redis: &RedisServer) -> u64 {
+    let mut c = redis.client();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut c)
+        .unwrap();
+    info.lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gate_asks_redis_once_for_a_burst_on_a_full_key() {
+    let redis = RedisServer::start();
+    let (config, ring) = gate_setup(
+        3,
+        Limits {
+            rpm: Some(1),
+            ..Limits::default()
+        },
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    );
+    let g = Arc::new(gate(&redis, &config, &ring).await);
+    let id = KeyId::new("g", 1);
+    let c = granted(g.admit(&id, 1, false).await.unwrap());
+    g.complete(c, &success()).await;
+    let before = evalsha_calls(&redis);
+    // Twenty jobs holding local permits for the same full key at once.
+    let answers = futures::future::join_all((0..20).map(|_| {
+        let (g, id) = (g.clone(), id.clone());
+        async move { g.admit(&id, 1, false).await.unwrap() }
+    }))
+    .await;
+    assert!(answers.iter().all(|a| matches!(
+        a,
+        Admit::Wait {
+            limit: WaitFor::Rpm,
+            ..
+        }
+    )));
+    assert_eq!(
+        evalsha_calls(&redis) - before,
+        1,
+        "one round trip, then the cached wait"
+    );
+    // Many keys' states in one pipeline agree with one-by-one reads.
+    let ids: Vec<KeyId> = (1..=3).map(|i| KeyId::new("g", i)).collect();
+    let many = g.states(&ids).await.unwrap();
+    for (id, st) in ids.iter().zip(&many) {
+        assert_eq!(*st, g.state(id).await.unwrap());
+    }
+    assert_eq!(many[0].window_calls, 1);
+}
+
+/// A real 3-node Redis Cluster (no replicas) on free ports, killed on drop.
+struct RedisCluster {
+    ports: Vec<u16>,
+    children: Vec<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| llmq_testkit::free_port()).collect();
+        let mut children = vec![];
+        for p in &ports {
+            let node_dir = dir.path().join(p.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            children.push(
+                std::process::Command::new(llmq_testkit::redis_server_bin())
+                    .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
+                    .args([
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                    ])
+                    .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                    .arg("--dir")
+                    .arg(&node_dir)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("redis-server starts"),
+            );
+        }
+        let c = RedisCluster {
+            ports,
+            children,
+            _dir: dir,
+        };
+        for p in &c.ports {
+            llmq_testkit::wait_until(Duration::from_secs(10), "a cluster node answers", || {
+                c.cmd(*p, &["PING"]).is_ok()
+            });
+        }
+        let mut create = std::process::Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for p in &c.ports {
+            create.arg(format!("127.0.0.1:{p}"));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (apt-get install redis-tools) creates the cluster");
+        assert!(out.status.success(), "{out:?}");
+        llmq_testkit::wait_until(
+            Duration::from_secs(20),
+            "cluster_state:ok on every node",
+            || {
+                c.ports.iter().all(|p| {
+                    c.cmd(*p, &["CLUSTER", "INFO"])
+                        .is_ok_and(|i| i.contains("cluster_state:ok"))
+                })
+            },
+        );
+        c
+    }
+
+    fn cmd(&self, port: u16, args: &[&str]) -> redis::RedisResult<String> {
+        let mut conn =
+            redis::Client::open(format!("redis://127.0.0.1:{port}"))?.get_connection()?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        let v: redis::Value = cmd.query(&mut conn)?;
+        Ok(match v {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            redis::Value::SimpleString(s) => s,
+            redis::Value::VerbatimString { text, .. } => text,
+            redis::Value::Int(i) => i.to_string(),
+            other => format!("{other:?}"),
+        })
+    }
+
+    fn slot(&self, key: &str) -> u16 {
+        self.cmd(self.ports[0], &["CLUSTER", "KEYSLOT", key])
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// The port of the node that serves `key`'s slot.
+    fn owner(&self, key: &str) -> u16 {
+        let slot = i64::from(self.slot(key));
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}", self.ports[0]))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let slots: Vec<(i64, i64, Vec<redis::Value>)> =
+            redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn).unwrap();
+        for (lo, hi, master) in slots {
+            if (lo..=hi).contains(&slot) {
+                if let Some(redis::Value::Int(port)) = master.get(1) {
+                    return *port as u16;
+                }
+            }
+        }
+        panic!("no node serves slot {slot}")
+    }
+}
+
+/// The gate's scripts and the member list each stay inside one hash tag, so
+/// they run unchanged on a real Redis Cluster node (a multi-slot script
+/// would be refused with CROSSSLOT). The rest of the daemon is not
+/// Cluster-ready: see ARCHITECTURE.md, "Scale-out".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gate_and_membership_run_on_a_redis_cluster() {
+    let rc = RedisCluster::start();
+    let (config, ring) = gate_setup(
+        2,
+        Limits {
+            rpm: Some(2),
+            ..Limits::default()
+        },
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    );
+    for i in 1..=2 {
+        let id = KeyId::new("g", i);
+        let (win, st) = (llmq::global::window_key(&id), llmq::global::state_key(&id));
+        assert_eq!(rc.slot(&win), rc.slot(&st), "one slot per API key");
+        let port = rc.owner(&win);
+        let conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection_manager()
+            .await
+            .unwrap();
+        let g = GlobalGate::new(conn, "cluster-node-test", &config, &ring);
+        let probe = granted(g.admit(&id, 5, false).await.unwrap());
+        assert!(probe.is_probe());
+        g.complete(probe, &success()).await;
+        let c = granted(g.admit(&id, 5, false).await.unwrap());
+        assert!(matches!(
+            g.admit(&id, 5, false).await.unwrap(),
+            Admit::Wait {
+                limit: WaitFor::Rpm,
+                ..
+            }
+        ));
+        assert_eq!(
+            g.reap(std::slice::from_ref(&id), "cluster-node-test")
+                .await
+                .unwrap(),
+            1
+        );
+        g.complete(
+            c,
+            &Fate::Disabled {
+                reason: "auth_failed".into(),
+            },
+        )
+        .await;
+        assert!(g.state(&id).await.unwrap().disabled.is_some());
+        g.reset(&id).await.unwrap();
+        let st = g.states(std::slice::from_ref(&id)).await.unwrap();
+        assert!(
+            st[0].disabled.is_none() && st[0].window_calls == 2,
+            "{st:?}"
+        );
+        // A node that does not own the slot refuses (MOVED): the test means it.
+        let other = *rc.ports.iter().find(|p| **p != port).unwrap();
+        let conn = redis::Client::open(format!("redis://127.0.0.1:{other}"))
+            .unwrap()
+            .get_connection_manager()
+            .await
+            .unwrap();
+        let wrong = GlobalGate::new(conn, "x", &config, &ring);
+        assert!(
+            wrong.state(&id).await.is_err(),
+            "a non-owner node answers MOVED"
+        );
+    }
+    let port = rc.owner(llmq::cluster::DAEMONS_KEY);
+    assert_eq!(
+        rc.slot(llmq::cluster::DAEMONS_KEY),
+        rc.slot(&llmq::cluster::alive_key("x"))
+    );
+    let conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let m = llmq::cluster::Membership::new(conn.clone(), "node-a", Duration::from_secs(1));
+    m.beat().await.unwrap();
+    let listed = llmq::cluster::list(&mut conn.clone()).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].consumer, "node-a");
+    m.leave().await.unwrap();
+    assert!(llmq::cluster::list(&mut conn.clone())
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 /// The cost of one admission and one completion (a round trip each), for
 /// ARCHITECTURE.md and BENCHMARKS.md. Run with `--release` for the figures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
