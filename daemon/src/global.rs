@@ -27,7 +27,11 @@
 //! Redis: an in-flight call counts as occupying its slot until it completes
 //! (its provisional score lies in the future), and [`GlobalGate::complete`]
 //! re-stamps it with the completion time. A daemon that dies mid-call leaves
-//! its slot counted until admission + [`MAX_CALL`] + window: never early.
+//! its slot counted until its death is noticed ([`GlobalGate::reap`], from
+//! `cluster`) + window, at most admission + [`MAX_CALL`] + window: never early.
+//!
+//! **Bursts.** One admission per key is in flight per daemon, and a fresh
+//! RPM "wait" answers the jobs queued behind it without a round trip.
 //!
 //! **Token buckets** (`limit_shape = "token_bucket"`) are enforced with the
 //! rolling window too: at most N in any window is a subset of what a GCRA of
