@@ -285,21 +285,33 @@ fn log_disposition(id: &str, lane: &str, attempt: u32, d: &Disposition) {
     match d {
         Disposition::Done(r) => {
             let error = r.error.as_ref().map(|e| e.kind.as_str());
-            tracing::info!(
-                job = %id,
-                lane,
-                attempt,
-                status = r.status.as_str(),
-                provider = r.provider.as_deref(),
-                model = r.model.as_deref(),
-                key = r.key.as_deref(),
-                attempts = r.attempts.len(),
-                models = r.responses.as_ref().map(Vec::len),
-                error,
-                queued_ms = r.queued_ms,
-                duration_ms = r.duration_ms,
-                "job finished"
-            );
+            // At thousands of jobs a second, one info line per success would
+            // be most of the daemon's work: successes log at debug, failures
+            // at info.
+            macro_rules! finished {
+                ($level:expr) => {
+                    tracing::event!(
+                        $level,
+                        job = %id,
+                        lane,
+                        attempt,
+                        status = r.status.as_str(),
+                        provider = r.provider.as_deref(),
+                        model = r.model.as_deref(),
+                        key = r.key.as_deref(),
+                        attempts = r.attempts.len(),
+                        models = r.responses.as_ref().map(Vec::len),
+                        error,
+                        queued_ms = r.queued_ms,
+                        duration_ms = r.duration_ms,
+                        "job finished"
+                    )
+                };
+            }
+            match r.status {
+                crate::job::Status::Succeeded => finished!(tracing::Level::DEBUG),
+                crate::job::Status::Failed => finished!(tracing::Level::INFO),
+            }
         }
         Disposition::Retry {
             reason, attempts, ..
