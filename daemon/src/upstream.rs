@@ -63,7 +63,12 @@ impl Upstream {
         let headers = resp
             .headers()
             .iter()
-            .filter_map(|(k, v)| Some((k.as_str().to_ascii_lowercase(), v.to_str().ok()?.to_string())))
+            .filter_map(|(k, v)| {
+                Some((
+                    k.as_str().to_ascii_lowercase(),
+                    v.to_str().ok()?.to_string(),
+                ))
+            })
             .collect();
         let bytes = resp.bytes().await.map_err(|e| self.classify(e))?;
         Ok(HttpResponse {
