@@ -59,6 +59,21 @@ impl Budgets {
         self.with(provider, now_unix_ms, |l| l.spent = spent);
     }
 
+    /// Adopts what every daemon together has spent today, as read from Redis
+    /// (`llmq:spend:<day>`), when it is more than this daemon knows of. With
+    /// several daemons this bounds the overshoot of a cap by one sync
+    /// interval of the others' spend.
+    pub fn sync_spent(&self, provider: &str, shared: f64, now_unix_ms: u64) {
+        if self.caps.contains_key(provider) {
+            self.with(provider, now_unix_ms, |l| l.spent = l.spent.max(shared));
+        }
+    }
+
+    /// Providers with a cap.
+    pub fn capped(&self) -> impl Iterator<Item = &str> {
+        self.caps.keys().map(String::as_str)
+    }
+
     /// True when a call of `estimate` USD fits under the provider's cap now.
     pub fn allows(&self, provider: &str, estimate: f64, now_unix_ms: u64) -> bool {
         self.check(provider, estimate, now_unix_ms) == BudgetCheck::Fits
@@ -217,6 +232,22 @@ mod tests {
         assert_eq!(b.try_reserve("groq", 1e9, t), BudgetCheck::Fits);
         assert_eq!(b.cap("groq"), None);
         assert_eq!(b.check("groq", 1e9, t), BudgetCheck::Fits);
+    }
+
+    #[test]
+    fn spend_of_other_daemons_is_adopted_but_never_lowers_our_own() {
+        let b = Budgets::new(HashMap::from([("openai".to_string(), 1.0)]));
+        let t = 3 * DAY_MS;
+        b.settle("openai", 0.0, 0.3, t);
+        b.sync_spent("openai", 0.9, t);
+        assert!(!b.allows("openai", 0.2, t), "0.9 spent across daemons");
+        b.sync_spent("openai", 0.1, t);
+        assert!(
+            !b.allows("openai", 0.2, t),
+            "a stale read does not lower it"
+        );
+        b.sync_spent("groq", 5.0, t);
+        assert!(b.allows("groq", 1e9, t));
     }
 
     #[test]

@@ -227,7 +227,13 @@ impl Daemon {
             let _ = flush_rx.await;
         });
         let handler = Arc::new(LoggedHandler(ExecutorHandler(self.executor.clone())));
+        let budgets = tokio::spawn(sync_budgets(
+            self.executor.clone(),
+            self.queue.connection(),
+            self.clock.clone(),
+        ));
         let result = self.queue.run(handler, shutdown).await;
+        budgets.abort();
         // Only now: the drained jobs' counters are in this last flush.
         let _ = flush_tx.send(());
         match tokio::time::timeout(FINAL_FLUSH, keystore).await {
@@ -539,4 +545,35 @@ async fn spawn_admin(
             tracing::error!(error = %e, "admin API stopped");
         }
     })))
+}
+
+/// Every second, adopts the day's spend of every daemon sharing this Redis
+/// (the keystore flushes each daemon's spend there), so a budget cap holds
+/// across daemons, not just within one.
+async fn sync_budgets(
+    executor: Arc<Executor>,
+    mut conn: redis::aio::ConnectionManager,
+    clock: SharedClock,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let rt = executor.runtime();
+        if rt.budgets.capped().next().is_none() {
+            continue;
+        }
+        let now = clock.unix_ms();
+        let key = crate::keystore::spend_key(crate::keystore::day_of(now));
+        let spent: std::collections::HashMap<String, f64> =
+            match redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(error = %e, "budget sync skipped");
+                    continue;
+                }
+            };
+        for (provider, usd) in spent {
+            rt.budgets.sync_spent(&provider, usd, now);
+        }
+    }
 }
