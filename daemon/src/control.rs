@@ -188,16 +188,7 @@ impl AdminBackend for Control {
                 let stored = KeyStore::read_usage(&mut conn, &day_string(day))
                     .await
                     .map_err(|e| AdminError::Unavailable(e.to_string()))?;
-                rows.extend(stored.into_iter().map(|r| UsageRow {
-                    day: r.day,
-                    key: r.key,
-                    provider: r.provider,
-                    model: r.model,
-                    requests: r.requests,
-                    tokens_in: r.tokens_in,
-                    tokens_out: r.tokens_out,
-                    cost_usd: r.cost_usd,
-                }));
+                rows.extend(stored);
             }
             Ok(rows)
         })

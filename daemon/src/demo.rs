@@ -255,17 +255,8 @@ fn demo_config(redis_url: &str, mock: &MockServer, plugins: &Path, window_s: u64
          [routing]\nwait_for_cheaper = \"1s\"\n\n",
         plugins.display()
     );
-    for name in [
-        "openai",
-        "anthropic",
-        "gemini",
-        "groq",
-        "mistral",
-        "nvidia",
-        "zai",
-        "openrouter",
-        "ollama",
-    ] {
+    // Only the demo's own providers route: every catalog provider is off.
+    for name in crate::catalog::providers().unwrap_or_default().keys() {
         s.push_str(&format!("[providers.{name}]\nenabled = false\n\n"));
     }
     s.push_str(&format!(

@@ -89,10 +89,12 @@ pub struct LoadReport {
     pub spend: BTreeMap<String, f64>,
 }
 
-/// One row of `llmq:usage:<day>`.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+/// One row of `llmq:usage:<day>`: usage per day, key, provider and model.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UsageRow {
+    /// `YYYY-MM-DD` (UTC).
     pub day: String,
+    /// Key id, e.g. `groq#2`.
     pub key: String,
     pub provider: String,
     pub model: String,

@@ -103,20 +103,9 @@ pub struct KeyView {
     pub last_used_ms: Option<u64>,
 }
 
-/// Usage per day, key, provider and model (`GET /v1/usage`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UsageRow {
-    /// `YYYY-MM-DD` (UTC).
-    pub day: String,
-    /// Key id, e.g. `groq#2`.
-    pub key: String,
-    pub provider: String,
-    pub model: String,
-    pub requests: u64,
-    pub tokens_in: u64,
-    pub tokens_out: u64,
-    pub cost_usd: f64,
-}
+/// Usage per day, key, provider and model (`GET /v1/usage`): the rows the
+/// keystore keeps in Redis, served as they are.
+pub use crate::keystore::UsageRow;
 
 /// Depth of one priority lane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

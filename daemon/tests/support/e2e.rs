@@ -65,18 +65,9 @@ pub fn config(
     );
     s.push_str(extra);
     s.push('\n');
-    for name in [
-        "openai",
-        "anthropic",
-        "gemini",
-        "groq",
-        "mistral",
-        "nvidia",
-        "zai",
-        "openrouter",
-        "ollama",
-    ] {
-        if !providers.iter().any(|p| p.name == name) {
+    let catalog = llmq::catalog::providers().expect("the built-in catalog parses");
+    for name in catalog.keys() {
+        if !providers.iter().any(|p| &p.name == name) {
             s.push_str(&format!("[providers.{name}]\nenabled = false\n\n"));
         }
     }
