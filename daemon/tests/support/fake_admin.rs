@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 /// A secret that the fake's keys stand for. It must never appear in any
 /// response: the views only carry [`FAKE_MASKED`].
-pub const FAKE_SECRET: &str = "gsk_SUPERSECRETfakeKEY0123456789x9f2";
+pub const FAKE_SECRET: &str = "gsk_test_SUPERSECRET_fake_KEY_x9f2";
 /// The masked form of [`FAKE_SECRET`].
 pub const FAKE_MASKED: &str = "gsk_…x9f2";
 

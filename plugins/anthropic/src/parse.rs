@@ -226,7 +226,7 @@ mod tests {
     #[test]
     fn keys_in_messages_are_masked() {
         assert_eq!(
-            clean_message(" bad key sk-ant-api03-abcdefghijklmnop1234, try again\n"),
+            clean_message(" bad key sk-ant-api03-test-fake-fake-1234, try again\n"),
             "bad key sk-ant-…1234, try again"
         );
         assert_eq!(clean_message("no key here"), "no key here");

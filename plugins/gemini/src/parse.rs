@@ -286,7 +286,7 @@ mod tests {
     fn keys_in_messages_are_masked() {
         assert_eq!(
             clean_message(
-                "Consumer 'api_key:AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUvW' has been suspended. "
+                "Consumer 'api_key:AIza-test-fake-fake-fake-fake-fakeStUvW' has been suspended. "
             ),
             "Consumer 'api_key:AIza…tUvW' has been suspended."
         );
