@@ -643,7 +643,7 @@ impl Executor {
         let clock = self.clock.clone();
         let response = self
             .upstream
-            .send(&request, move || clock.unix_ms())
+            .send(request, move || clock.unix_ms())
             .await
             .map_err(|e| CallFailure::Network(e.to_string()))?;
         plugin

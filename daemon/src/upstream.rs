@@ -45,7 +45,7 @@ impl Upstream {
     /// Sends the request; `now_unix_ms` stamps the response for `parse`.
     pub async fn send(
         &self,
-        req: &HttpRequest,
+        req: HttpRequest,
         now_unix_ms: impl Fn() -> u64,
     ) -> Result<HttpResponse, NetError> {
         let method = reqwest::Method::from_bytes(req.method.as_bytes())
@@ -54,7 +54,7 @@ impl Upstream {
             .client
             .request(method, &req.url)
             .timeout(self.timeout)
-            .body(req.body.clone());
+            .body(req.body);
         for (k, v) in &req.headers {
             builder = builder.header(k.as_str(), v.as_str());
         }
