@@ -4,7 +4,7 @@
 //! `{"type":"error","error":{type,message}}` error bodies.
 
 use super::{
-    retry_hint, text_part, u64_field, Estimate, Parsed, PartTokens, Reply, ServerError, Wire,
+    content_parts, content_text, retry_hint, u64_field, Estimate, Parsed, Reply, ServerError, Wire,
     WireResponse,
 };
 use crate::format::{ns_to_ms_ceil, rfc3339_ms, unix_ms_now};
@@ -57,34 +57,6 @@ fn with_limits(mut r: WireResponse, snap: &Snapshot) -> WireResponse {
     r
 }
 
-fn parts(content: Option<&Value>) -> Vec<PartTokens> {
-    match content {
-        Some(Value::String(s)) => vec![text_part(s)],
-        Some(Value::Array(blocks)) => blocks
-            .iter()
-            .map(|b| match b.get("type").and_then(Value::as_str) {
-                Some("text") => text_part(b.get("text").and_then(Value::as_str).unwrap_or("")),
-                Some("image") => PartTokens::Image,
-                _ => PartTokens::Other,
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn text(content: Option<&Value>) -> String {
-    match content {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(blocks)) => blocks
-            .iter()
-            .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
-            .filter_map(|b| b.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
-    }
-}
-
 impl Wire for Anthropic {
     fn parse(
         id: u64,
@@ -119,14 +91,14 @@ impl Wire for Anthropic {
         }
         let mut estimate = Estimate::default();
         if let Some(system) = v.get("system").filter(|s| !s.is_null()) {
-            estimate.message(parts(Some(system)));
+            estimate.message(content_parts(Some(system), "image"));
         }
         let mut last_user_text = String::new();
         for m in messages {
             let content = m.get("content");
-            estimate.message(parts(content));
+            estimate.message(content_parts(content, "image"));
             if m.get("role").and_then(Value::as_str) == Some("user") {
-                last_user_text = text(content);
+                last_user_text = content_text(content);
             }
         }
         Ok(Parsed {

@@ -220,6 +220,38 @@ pub(crate) fn retry_hint(rej: &Rejection) -> (u64, u64) {
     (crate::format::ms_to_secs_ceil(ms), ms)
 }
 
+/// Token parts of a message `content` that is a string or a list of typed
+/// blocks (`{"type": "text", "text": …}`), as OpenAI and Anthropic send it;
+/// `image_type` is the block type of an image (`image_url` / `image`).
+pub(crate) fn content_parts(content: Option<&Value>, image_type: &str) -> Vec<PartTokens> {
+    match content {
+        Some(Value::String(s)) => vec![text_part(s)],
+        Some(Value::Array(blocks)) => blocks
+            .iter()
+            .map(|b| match b.get("type").and_then(Value::as_str) {
+                Some("text") => text_part(b.get("text").and_then(Value::as_str).unwrap_or("")),
+                Some(t) if t == image_type => PartTokens::Image,
+                _ => PartTokens::Other,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The text of such a `content`, blocks joined with newlines.
+pub(crate) fn content_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(blocks)) => blocks
+            .iter()
+            .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+            .filter_map(|b| b.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

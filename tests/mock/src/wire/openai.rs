@@ -3,8 +3,8 @@
 //! durations, and `{"error":{message,type,param,code}}` error bodies.
 
 use super::{
-    max_tokens_or_default, retry_hint, text_part, u64_field, Estimate, Parsed, PartTokens, Reply,
-    ServerError, Wire, WireResponse,
+    content_parts, content_text, max_tokens_or_default, retry_hint, u64_field, Estimate, Parsed,
+    Reply, ServerError, Wire, WireResponse,
 };
 use crate::format::{go_duration, ns_to_ms_ceil, unix_ms_now};
 use crate::limiter::{Dim, Rejection, Snapshot};
@@ -63,34 +63,6 @@ fn with_limits(mut r: WireResponse, snap: &Snapshot) -> WireResponse {
     r
 }
 
-fn parts(content: Option<&Value>) -> Vec<PartTokens> {
-    match content {
-        Some(Value::String(s)) => vec![text_part(s)],
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .map(|p| match p.get("type").and_then(Value::as_str) {
-                Some("text") => text_part(p.get("text").and_then(Value::as_str).unwrap_or("")),
-                Some("image_url") => PartTokens::Image,
-                _ => PartTokens::Other,
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn text(content: Option<&Value>) -> String {
-    match content {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
-    }
-}
-
 impl Wire for OpenAi {
     fn parse(
         id: u64,
@@ -131,9 +103,9 @@ impl Wire for OpenAi {
         let mut last_user_text = String::new();
         for m in messages {
             let content = m.get("content");
-            estimate.message(parts(content));
+            estimate.message(content_parts(content, "image_url"));
             if m.get("role").and_then(Value::as_str) == Some("user") {
-                last_user_text = text(content);
+                last_user_text = content_text(content);
             }
         }
         let max_tokens =
