@@ -478,6 +478,7 @@ impl Executor {
                     text,
                     usage,
                     finish_reason: _,
+                    refusal: _,
                 } => {
                     let cost = route.cost(usage.input_tokens, usage.output_tokens);
                     rt.budgets
@@ -517,7 +518,7 @@ impl Executor {
                     );
                     last_upstream_error = Some(format!("rate limited: {message}"));
                 }
-                Outcome::QuotaExhausted | Outcome::AuthFailed => {
+                Outcome::QuotaExhausted { .. } | Outcome::AuthFailed => {
                     rt.budgets
                         .release(&route.provider, est_cost, self.clock.unix_ms());
                     let kind = parsed.outcome.name();
@@ -563,6 +564,17 @@ impl Executor {
                             now,
                         );
                     }
+                }
+                Outcome::RequestTooLarge => {
+                    // Larger than this key may take in any window (Groq 413
+                    // on TPM): this key is out for this job; other keys and
+                    // routes are not, and the key stays as it was.
+                    rt.budgets
+                        .release(&route.provider, est_cost, self.clock.unix_ms());
+                    rt.pool.report(permit, Fate::Untouched);
+                    last_upstream_error =
+                        Some(format!("request too large for {key_id}: {message}"));
+                    backoff_until.insert(key_id, deadline);
                 }
                 Outcome::ContextTooLong => {
                     rt.budgets

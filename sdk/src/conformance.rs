@@ -528,6 +528,7 @@ mod tests {
                     text: resp.body.clone(),
                     usage: crate::Usage::default(),
                     finish_reason: None,
+                    refusal: None,
                 },
                 429 => Outcome::RateLimited {
                     retry_after_ms: None,

@@ -143,6 +143,65 @@ pub struct Usage {
     pub output_tokens: u64,
 }
 
+/// Why a model stopped, normalized across providers (SPEC §9): OpenAI
+/// `finish_reason`, Anthropic `stop_reason`, Gemini `finishReason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A natural end or a stop sequence.
+    Stop,
+    /// Cut off by `max_tokens` (or the model's output limit).
+    Length,
+    /// The model asked for tool calls.
+    ToolCalls,
+    /// The provider's safety system stopped or blocked the output.
+    ContentFilter,
+    /// The model declined to answer.
+    Refusal,
+}
+
+impl FinishReason {
+    /// Stable snake_case name, as in results.
+    pub fn name(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::ContentFilter => "content_filter",
+            FinishReason::Refusal => "refusal",
+        }
+    }
+}
+
+/// When an exhausted quota comes back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaReset {
+    /// At this Unix time in milliseconds (a reset time the provider stated).
+    At { unix_ms: u64 },
+    /// At the provider's next daily reset (its `daily_reset` setting, e.g.
+    /// Pacific midnight for Gemini): a per-day quota.
+    NextDaily,
+}
+
+/// What an exhausted quota covers.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaScope {
+    /// The whole key (its account's credit or its plan).
+    #[default]
+    Key,
+    /// One model on that key (Gemini's per-model quotas); other models on
+    /// the same key keep serving.
+    Model(String),
+}
+
+impl QuotaScope {
+    pub fn is_key(&self) -> bool {
+        matches!(self, QuotaScope::Key)
+    }
+}
+
 /// The one thing a response means. Exactly one per response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -150,35 +209,61 @@ pub enum Outcome {
     Success {
         text: String,
         usage: Usage,
+        /// Why the model stopped, normalized (SPEC §9). A finish that is not
+        /// a clean `stop` is never reported as one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        finish_reason: Option<String>,
+        finish_reason: Option<FinishReason>,
+        /// The model's refusal text, when it declined (OpenAI
+        /// `message.refusal`, Anthropic `stop_reason: "refusal"`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refusal: Option<String>,
     },
     /// Slow down: the key is fine but over its rate for now.
     RateLimited {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
     },
-    /// No credit / quota left: not a matter of waiting a minute.
-    QuotaExhausted,
+    /// No credit / quota left: not a matter of waiting a minute. The key
+    /// (or, with `scope: {"model": …}`, only that model on the key) is parked
+    /// until `reset`, or re-probed on the daemon's schedule when there is none.
+    QuotaExhausted {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reset: Option<QuotaReset>,
+        #[serde(default, skip_serializing_if = "QuotaScope::is_key")]
+        scope: QuotaScope,
+    },
     /// The key is invalid, revoked or suspended.
     AuthFailed,
     /// The upstream rejected the request itself; another key won't help.
     InvalidRequest,
     ContextTooLong,
+    /// The request is larger than a per-key limit allows in any window
+    /// (Groq's 413 "Request too large … on tokens per minute"): this key can
+    /// never take it, other keys and routes may. The key itself is fine.
+    RequestTooLarge,
     ModelNotFound,
     /// 5xx, overload, garbage: try again, preferably elsewhere.
     Transient,
 }
 
 impl Outcome {
+    /// `quota_exhausted` for the whole key, with no known reset time.
+    pub fn quota_exhausted() -> Outcome {
+        Outcome::QuotaExhausted {
+            reset: None,
+            scope: QuotaScope::Key,
+        }
+    }
+
     /// Every outcome's [`name`](Outcome::name), in declaration order.
-    pub const KINDS: [&'static str; 8] = [
+    pub const KINDS: [&'static str; 9] = [
         "success",
         "rate_limited",
         "quota_exhausted",
         "auth_failed",
         "invalid_request",
         "context_too_long",
+        "request_too_large",
         "model_not_found",
         "transient",
     ];
@@ -188,10 +273,11 @@ impl Outcome {
         match self {
             Outcome::Success { .. } => "success",
             Outcome::RateLimited { .. } => "rate_limited",
-            Outcome::QuotaExhausted => "quota_exhausted",
+            Outcome::QuotaExhausted { .. } => "quota_exhausted",
             Outcome::AuthFailed => "auth_failed",
             Outcome::InvalidRequest => "invalid_request",
             Outcome::ContextTooLong => "context_too_long",
+            Outcome::RequestTooLarge => "request_too_large",
             Outcome::ModelNotFound => "model_not_found",
             Outcome::Transient => "transient",
         }
@@ -297,14 +383,19 @@ mod tests {
                 text: String::new(),
                 usage: Usage::default(),
                 finish_reason: None,
+                refusal: None,
             },
             Outcome::RateLimited {
                 retry_after_ms: None,
             },
-            Outcome::QuotaExhausted,
+            Outcome::QuotaExhausted {
+                reset: None,
+                scope: QuotaScope::Key,
+            },
             Outcome::AuthFailed,
             Outcome::InvalidRequest,
             Outcome::ContextTooLong,
+            Outcome::RequestTooLarge,
             Outcome::ModelNotFound,
             Outcome::Transient,
         ];
@@ -313,10 +404,11 @@ mod tests {
             match o {
                 Outcome::Success { .. }
                 | Outcome::RateLimited { .. }
-                | Outcome::QuotaExhausted
+                | Outcome::QuotaExhausted { .. }
                 | Outcome::AuthFailed
                 | Outcome::InvalidRequest
                 | Outcome::ContextTooLong
+                | Outcome::RequestTooLarge
                 | Outcome::ModelNotFound
                 | Outcome::Transient => {}
             }
@@ -326,6 +418,51 @@ mod tests {
         for o in &all {
             let json = serde_json::to_value(o).unwrap();
             assert_eq!(json["kind"], o.name());
+        }
+    }
+
+    #[test]
+    fn quota_exhausted_reads_the_v1_shape_and_the_scoped_one() {
+        let v1: Outcome = serde_json::from_str(r#"{"kind":"quota_exhausted"}"#).unwrap();
+        assert_eq!(
+            v1,
+            Outcome::QuotaExhausted {
+                reset: None,
+                scope: QuotaScope::Key
+            }
+        );
+        let scoped = Outcome::QuotaExhausted {
+            reset: Some(QuotaReset::NextDaily),
+            scope: QuotaScope::Model("gemini-2.5-pro".into()),
+        };
+        let json = serde_json::to_value(&scoped).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"kind": "quota_exhausted", "reset": "next_daily", "scope": {"model": "gemini-2.5-pro"}})
+        );
+        let at: Outcome = serde_json::from_value(serde_json::json!(
+            {"kind": "quota_exhausted", "reset": {"at": {"unix_ms": 5}}}
+        ))
+        .unwrap();
+        assert_eq!(
+            at,
+            Outcome::QuotaExhausted {
+                reset: Some(QuotaReset::At { unix_ms: 5 }),
+                scope: QuotaScope::Key
+            }
+        );
+    }
+
+    #[test]
+    fn finish_reasons_serialize_as_their_names() {
+        for f in [
+            FinishReason::Stop,
+            FinishReason::Length,
+            FinishReason::ToolCalls,
+            FinishReason::ContentFilter,
+            FinishReason::Refusal,
+        ] {
+            assert_eq!(serde_json::to_value(f).unwrap(), f.name());
         }
     }
 }

@@ -109,15 +109,16 @@ impl Fate {
             Outcome::RateLimited { retry_after_ms } => Fate::RateLimited {
                 retry_after: retry_after_ms.map(Duration::from_millis),
             },
-            Outcome::QuotaExhausted => Fate::Disabled {
+            Outcome::QuotaExhausted { .. } => Fate::Disabled {
                 reason: QUOTA_EXHAUSTED.into(),
             },
             Outcome::AuthFailed => Fate::Disabled {
                 reason: AUTH_FAILED.into(),
             },
-            Outcome::InvalidRequest | Outcome::ContextTooLong | Outcome::ModelNotFound => {
-                Fate::Untouched
-            }
+            Outcome::InvalidRequest
+            | Outcome::ContextTooLong
+            | Outcome::RequestTooLarge
+            | Outcome::ModelNotFound => Fate::Untouched,
             Outcome::Transient => Fate::Transient,
         }
     }

@@ -59,7 +59,8 @@ fn success(v: &Value) -> Parsed {
         finish_reason: v
             .get("stop_reason")
             .and_then(Value::as_str)
-            .map(String::from),
+            .and_then(finish_reason),
+        refusal: None,
     })
 }
 
@@ -87,7 +88,7 @@ fn error(resp: &HttpResponse, body: Option<&Value>) -> Parsed {
         || kind == "billing_error"
         || resp.status == 402
     {
-        Outcome::QuotaExhausted
+        Outcome::quota_exhausted()
     } else if is_context_message(&lower) {
         Outcome::ContextTooLong
     } else {
@@ -335,4 +336,16 @@ mod tests {
         let p = parse(&resp(200, &[], r#"{"id":"msg_1"}"#));
         assert_eq!(p.outcome, Outcome::Transient);
     }
+}
+
+/// Anthropic `stop_reason` → the normalized finish reason.
+fn finish_reason(reason: &str) -> Option<llmq_sdk::FinishReason> {
+    use llmq_sdk::FinishReason as F;
+    Some(match reason {
+        "end_turn" | "stop_sequence" | "pause_turn" => F::Stop,
+        "max_tokens" | "model_context_window_exceeded" => F::Length,
+        "tool_use" => F::ToolCalls,
+        "refusal" => F::Refusal,
+        _ => return None,
+    })
 }

@@ -108,7 +108,8 @@ fn success(v: &Value) -> Parsed {
             // Thinking tokens are billed as output.
             output_tokens: tokens("candidatesTokenCount") + tokens("thoughtsTokenCount"),
         },
-        finish_reason,
+        finish_reason: finish_reason.as_deref().and_then(normalize_finish),
+        refusal: None,
     })
 }
 
@@ -195,7 +196,7 @@ fn error(resp: &HttpResponse, err: Option<&Value>) -> Parsed {
     } else {
         match status {
             400 if e.status == "FAILED_PRECONDITION" && mentions_billing(&e.lower) => {
-                Outcome::QuotaExhausted
+                Outcome::quota_exhausted()
             }
             400 if is_context_message(&e.lower) => Outcome::ContextTooLong,
             401 | 403 => Outcome::AuthFailed,
@@ -229,7 +230,7 @@ fn resource_exhausted(resp: &HttpResponse, e: &ErrorView<'_>) -> Outcome {
     let prepaid_empty =
         e.lower.contains("credits are depleted") || e.lower.contains("prepayment credits");
     if daily || zero_quota || prepaid_empty {
-        return Outcome::QuotaExhausted;
+        return Outcome::quota_exhausted();
     }
     let hint = e
         .retry_delay_ms()
@@ -237,7 +238,7 @@ fn resource_exhausted(resp: &HttpResponse, e: &ErrorView<'_>) -> Outcome {
         .or_else(|| duration_after(&e.lower, "retry in "))
         .or_else(|| resp.header("retry-after").and_then(parse_retry_after_ms));
     if hint.is_none() && mentions_billing(&e.lower) {
-        return Outcome::QuotaExhausted;
+        return Outcome::quota_exhausted();
     }
     Outcome::RateLimited {
         retry_after_ms: hint,
@@ -345,7 +346,8 @@ mod tests {
                     input_tokens: 10,
                     output_tokens: 32
                 },
-                finish_reason: Some("STOP".into()),
+                finish_reason: Some(llmq_sdk::FinishReason::Stop),
+                refusal: None,
             }
         );
     }
@@ -354,4 +356,17 @@ mod tests {
     fn a_json_array_that_is_not_an_error_is_transient() {
         assert_eq!(parse(&resp(200, "[1,2]")).outcome, Outcome::Transient);
     }
+}
+
+/// Gemini `finishReason` → the normalized finish reason.
+fn normalize_finish(reason: &str) -> Option<llmq_sdk::FinishReason> {
+    use llmq_sdk::FinishReason as F;
+    Some(match reason {
+        "STOP" => F::Stop,
+        "MAX_TOKENS" => F::Length,
+        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY" => {
+            F::ContentFilter
+        }
+        _ => return None,
+    })
 }

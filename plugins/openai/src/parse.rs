@@ -209,7 +209,8 @@ fn success(resp: &HttpResponse, body: &Value, info: &ErrorInfo) -> (Outcome, Opt
         finish_reason: choice
             .get("finish_reason")
             .and_then(Value::as_str)
-            .map(String::from),
+            .and_then(normalize_finish),
+        refusal: None,
     };
     (outcome, refusal)
 }
@@ -221,7 +222,7 @@ fn classify(status: u16, resp: &HttpResponse, info: &ErrorInfo) -> Outcome {
             if info.zai(ZAI_AUTH) {
                 Outcome::AuthFailed
             } else if info.is_quota() {
-                Outcome::QuotaExhausted
+                Outcome::quota_exhausted()
             } else {
                 Outcome::RateLimited {
                     retry_after_ms: retry_after_ms(resp, info),
@@ -230,19 +231,19 @@ fn classify(status: u16, resp: &HttpResponse, info: &ErrorInfo) -> Outcome {
         }
         401 => {
             if info.is_quota() {
-                Outcome::QuotaExhausted
+                Outcome::quota_exhausted()
             } else {
                 Outcome::AuthFailed
             }
         }
-        402 => Outcome::QuotaExhausted,
+        402 => Outcome::quota_exhausted(),
         403 => {
             if info.message_has(MODERATION_PHRASES) {
                 Outcome::InvalidRequest
             } else if info.is_model() {
                 Outcome::ModelNotFound
             } else if info.is_quota() {
-                Outcome::QuotaExhausted
+                Outcome::quota_exhausted()
             } else {
                 Outcome::AuthFailed
             }
@@ -256,7 +257,7 @@ fn classify(status: u16, resp: &HttpResponse, info: &ErrorInfo) -> Outcome {
             if info.is_auth() {
                 Outcome::AuthFailed
             } else if info.is_quota() {
-                Outcome::QuotaExhausted
+                Outcome::quota_exhausted()
             } else if info.is_context() {
                 Outcome::ContextTooLong
             } else if info.is_model() {
@@ -602,7 +603,7 @@ mod tests {
             &[],
             json!({"error": {"code": "1113", "message": "余额不足或无可用资源包,请充值。"}}),
         );
-        assert_eq!(parse(&quota).outcome, Outcome::QuotaExhausted);
+        assert_eq!(parse(&quota).outcome, Outcome::quota_exhausted());
         let locked = resp(
             429,
             &[],
@@ -728,7 +729,7 @@ mod tests {
             &[],
             json!({"error": {"message": "Insufficient Balance", "type": "unknown_error", "param": null, "code": "invalid_request_error"}}),
         );
-        assert_eq!(parse(&deepseek).outcome, Outcome::QuotaExhausted);
+        assert_eq!(parse(&deepseek).outcome, Outcome::quota_exhausted());
         for status in [408, 409, 502, 504, 529, 302, 418] {
             let r = resp(status, &[], json!({"error": {"message": "x"}}));
             assert_eq!(parse(&r).outcome, Outcome::Transient, "status {status}");
@@ -799,7 +800,8 @@ mod tests {
                     input_tokens: 9,
                     output_tokens: 40
                 },
-                finish_reason: Some("stop".into())
+                finish_reason: Some(llmq_sdk::FinishReason::Stop),
+                refusal: None
             }
         );
         let refusal = resp(
@@ -864,4 +866,16 @@ mod tests {
         assert_eq!(l.requests_reset_ms, Some(179_560));
         assert_eq!(l.tokens_reset_ms, None);
     }
+}
+
+/// OpenAI-compatible `finish_reason` → the normalized finish reason.
+fn normalize_finish(reason: &str) -> Option<llmq_sdk::FinishReason> {
+    use llmq_sdk::FinishReason as F;
+    Some(match reason {
+        "stop" | "eos" => F::Stop,
+        "length" | "model_length" => F::Length,
+        "tool_calls" | "function_call" => F::ToolCalls,
+        "content_filter" | "sensitive" => F::ContentFilter,
+        _ => return None,
+    })
 }
