@@ -10,7 +10,7 @@ mod fake_admin;
 
 use std::time::Duration;
 
-use chromium::{chromium_or_skip, dump_dom, Browser};
+use chromium::{dump_dom, require_chromium, Browser};
 use fake_admin::{key, serve_admin, FakeBackend, FAKE_SECRET};
 use llmq::admin::KeyStatus;
 use serde_json::Value;
@@ -19,9 +19,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dump_dom_shows_every_key_row() {
-    let Some(bin) = chromium_or_skip("dump_dom_shows_every_key_row") else {
-        return;
-    };
+    let bin = require_chromium("dump_dom_shows_every_key_row");
     let fake = FakeBackend::new(vec![
         key("x#1", KeyStatus::Disabled),
         key("x#2", KeyStatus::Available),
@@ -50,9 +48,7 @@ async fn dump_dom_shows_every_key_row() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_button_resets_a_disabled_key() {
-    let Some(bin) = chromium_or_skip("reset_button_resets_a_disabled_key") else {
-        return;
-    };
+    let bin = require_chromium("reset_button_resets_a_disabled_key");
     let token = "dash-token-123";
     let fake = FakeBackend::new(vec![
         key("x#1", KeyStatus::Disabled),

@@ -515,10 +515,7 @@ async fn job_completion_is_one_json_log_line_with_ids() {
 /// its button, and the reset reaches the pool and the keystore in Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dashboard_resets_a_disabled_key_in_chromium() {
-    let Some(bin) = chromium::chromium_or_skip("dashboard_resets_a_disabled_key_in_chromium")
-    else {
-        return;
-    };
+    let bin = chromium::require_chromium("dashboard_resets_a_disabled_key_in_chromium");
     let mock_cfg = MockConfig::default()
         .key(KeySpec::new(P1).label("p#1").state(KeyState::Invalid))
         .key(KeySpec::new(P2).label("p#2"))

@@ -22,19 +22,20 @@ fn producer_script() -> PathBuf {
 }
 
 /// Why the Python side cannot run here, if it cannot.
-fn python_missing() -> Option<String> {
+/// Python 3 with redis-py, or a failure that says how to get it: the test
+/// never passes by skipping (scripts/test.sh installs both).
+fn require_python() {
     match Command::new("python3")
         .args(["-c", "import redis"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
     {
-        Err(e) => Some(format!("python3 not found ({e})")),
-        Ok(s) if !s.success() => Some(
-            "the python3 `redis` module is missing (pip install redis; scripts/test.sh does)"
-                .into(),
+        Err(e) => panic!("the Python producer test needs python3: not found ({e})"),
+        Ok(s) if !s.success() => panic!(
+            "the Python producer test needs the python3 `redis` module (pip install redis; scripts/test.sh does)"
         ),
-        Ok(_) => None,
+        Ok(_) => {}
     }
 }
 
@@ -66,10 +67,7 @@ fn run_producer(args: &[&str], timeout: Duration) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_producer_gets_every_result_from_the_daemon() {
-    if let Some(why) = python_missing() {
-        println!("SKIP: the Python producer test: {why}");
-        return;
-    }
+    require_python();
     let redis = RedisServer::start();
     let mock = mock(MockConfig::default().key(KeySpec::new(SECRET).label("oa#1"))).await;
     let providers = [Provider::new("oa", Protocol::OpenAi, "free", "m1")];
@@ -109,10 +107,7 @@ async fn the_python_producer_gets_every_result_from_the_daemon() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_producer_exits_1_when_a_job_fails() {
-    if let Some(why) = python_missing() {
-        println!("SKIP: the Python producer test: {why}");
-        return;
-    }
+    require_python();
     let redis = RedisServer::start();
     let mock = mock(MockConfig::default().key(KeySpec::new(SECRET).label("oa#1"))).await;
     let providers = [Provider::new("oa", Protocol::OpenAi, "free", "m1")];

@@ -58,15 +58,14 @@ pub fn find_chromium() -> Option<PathBuf> {
     None
 }
 
-/// `find_chromium()`, printing why the test is skipped when there is none.
-pub fn chromium_or_skip(test: &str) -> Option<PathBuf> {
-    let bin = find_chromium();
-    if bin.is_none() {
-        eprintln!(
-            "SKIP {test}: no chromium binary found (set LLMQ_CHROMIUM or `apt-get install -y chromium`)"
-        );
-    }
-    bin
+/// `find_chromium()`, or a failure that says how to get it: a test that
+/// needs a browser never passes by skipping (scripts/test.sh installs it).
+pub fn require_chromium(test: &str) -> PathBuf {
+    find_chromium().unwrap_or_else(|| {
+        panic!(
+            "{test} needs chromium: none found (set LLMQ_CHROMIUM, or `apt-get install -y chromium`; scripts/test.sh installs it)"
+        )
+    })
 }
 
 /// Loads `url`, lets its scripts run for `budget_ms` of virtual time and
