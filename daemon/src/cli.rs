@@ -80,6 +80,9 @@ pub enum Command {
     /// List the daemons sharing this Redis (scale-out membership).
     Cluster,
     /// Run a self-contained demo: private Redis, mock provider, daemon, mixed load.
+    /// Only in builds with the `demo` feature (the default; the operator's
+    /// build, `--no-default-features`, leaves the mock out).
+    #[cfg(feature = "demo")]
     Demo(DemoArgs),
 }
 
@@ -163,6 +166,7 @@ pub struct PluginsArgs {
     pub plugins_dir: Option<PathBuf>,
 }
 
+#[cfg(feature = "demo")]
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Jobs to push.

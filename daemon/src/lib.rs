@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod control;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
 pub mod executor;

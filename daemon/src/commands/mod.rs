@@ -97,6 +97,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Keys(args) => keys::keys(g, &options(g), args.action.as_ref()).await,
         Command::Usage(args) => keys::usage(g, &options(g), args.since.as_deref()).await,
         Command::Cluster => crate::cluster::command(g).await,
+        #[cfg(feature = "demo")]
         Command::Demo(args) => crate::demo::run(g, args).await,
     }
 }
