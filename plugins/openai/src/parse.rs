@@ -251,6 +251,20 @@ fn success(resp: &HttpResponse, body: &Value, info: &ErrorInfo) -> (Outcome, Opt
         Some(FinishKind::Normalized(r)) => Some(r),
         Some(FinishKind::Unknown) | None => None,
     };
+    // DeepSeek's JSON Output replaces an answer that is not valid JSON with
+    // spaces, "even when finish_reason is stop", and advises a retry
+    // (https://api-docs.deepseek.com/guides/json_mode). A reply of nothing
+    // but whitespace is no answer from any provider: try again.
+    let has_tool_calls = message
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .is_some_and(|c| !c.is_empty());
+    if !text.is_empty() && text.trim().is_empty() && !has_tool_calls && refusal.is_none() {
+        return (
+            Outcome::Transient,
+            Some("the completion is blank (only whitespace): no answer was produced".into()),
+        );
+    }
     // OpenAI sets `message.refusal` when the model declines; the finish
     // reason then still says "stop". A refusal is never a plain stop.
     let finish_reason = if refusal.is_some() {

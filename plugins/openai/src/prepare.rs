@@ -22,7 +22,9 @@
 //! - JSON mode (`response_format: json_object`) needs the word "JSON" in the
 //!   messages on OpenAI (400 otherwise,
 //!   <https://platform.openai.com/docs/guides/structured-outputs#json-mode>) and
-//!   Mistral asks for it too (<https://docs.mistral.ai/capabilities/json_mode>):
+//!   Mistral and DeepSeek ask for it too
+//!   (<https://docs.mistral.ai/capabilities/json_mode>,
+//!   <https://api-docs.deepseek.com/guides/json_mode>):
 //!   when no message says "JSON", [`JSON_INSTRUCTION`] is appended to the
 //!   leading system message (or sent as one), as the anthropic plugin does;
 //!   the producer's own text is never changed.
