@@ -87,6 +87,9 @@ const MODEL_PHRASES: &[&str] = &[
     "does not have access",
     "not allowed to sample",
 ];
+/// Messages of a request larger than the key's per-minute token limit, which
+/// no wait can fix (OpenAI's 429 and Groq's 413 "Request too large for …").
+const TOO_LARGE_PHRASES: &[&str] = &["request too large for"];
 /// Codes of a generation that failed this time but may succeed on a retry
 /// (Groq's JSON mode: "Failed to generate JSON").
 const RETRYABLE_CODES: &[&str] = &["json_validate_failed"];
@@ -361,6 +364,13 @@ fn classify(status: u16, resp: &HttpResponse, info: &ErrorInfo) -> Outcome {
                 }
             } else if info.is_quota() {
                 Outcome::quota_exhausted()
+            } else if info.message_has(TOO_LARGE_PHRASES) {
+                // OpenAI answers a request larger than the key's whole TPM
+                // limit with a 429 "Request too large for gpt-4o … on tokens
+                // per min (TPM): Limit 30000, Requested 36278. The input or
+                // output tokens must be reduced in order to run
+                // successfully." Waiting never helps; another key may.
+                Outcome::RequestTooLarge
             } else {
                 Outcome::RateLimited {
                     retry_after_ms: retry_after_ms(resp, info),
