@@ -119,9 +119,11 @@ const ZAI_CAPPED: &[&str] = &["1308", "1310", "1316", "1317"];
 /// 1211: the model does not exist; 1311: the subscription does not include
 /// this model.
 const ZAI_MODEL: &[&str] = &["1211", "1311"];
-/// 1312: "this model is overloaded right now, try later or switch to another
-/// model": the provider's capacity, not this key's.
-const ZAI_OVERLOADED: &[&str] = &["1312"];
+/// The provider failed, not the request or the key: 1230 "API call process
+/// error", 1234 "network error, error id …"; 1312 "this model is overloaded
+/// right now, try later or switch to another model" (its capacity, not this
+/// key's).
+const ZAI_TRANSIENT: &[&str] = &["1230", "1234", "1312"];
 /// 1261: "Prompt 超长" (the prompt is too long).
 const ZAI_CONTEXT: &[&str] = &["1261"];
 /// Z.AI's `{next_flush_time}` is a wall-clock `YYYY-MM-DD HH:MM:SS` with no
@@ -349,7 +351,7 @@ fn classify(status: u16, resp: &HttpResponse, info: &ErrorInfo) -> Outcome {
                 Outcome::AuthFailed
             } else if info.zai(ZAI_MODEL) {
                 Outcome::ModelNotFound
-            } else if info.zai(ZAI_OVERLOADED) {
+            } else if info.zai(ZAI_TRANSIENT) {
                 Outcome::Transient
             } else if info.zai(ZAI_DAILY) {
                 Outcome::QuotaExhausted {
@@ -414,7 +416,9 @@ fn classify(status: u16, resp: &HttpResponse, info: &ErrorInfo) -> Outcome {
         }
         408 | 409 | 425 => Outcome::Transient,
         400..=499 => {
-            if info.is_auth() {
+            if info.zai(ZAI_TRANSIENT) {
+                Outcome::Transient
+            } else if info.is_auth() {
                 Outcome::AuthFailed
             } else if info.is_quota() {
                 Outcome::quota_exhausted()
@@ -1211,6 +1215,27 @@ mod tests {
             Outcome::RateLimited {
                 retry_after_ms: None
             }
+        );
+        let zai400 = |code: &str, message: &str| {
+            parse(&resp(
+                400,
+                &[],
+                json!({"error": {"code": code, "message": message}}),
+            ))
+            .outcome
+        };
+        assert_eq!(
+            zai400("1234", "网络错误,错误id:abc,请联系客服"),
+            Outcome::Transient
+        );
+        assert_eq!(zai400("1230", "API 调用流程出错"), Outcome::Transient);
+        assert_eq!(
+            zai400("1301", "系统检测到输入或生成内容可能包含不安全或敏感内容"),
+            Outcome::InvalidRequest
+        );
+        assert_eq!(
+            zai400("1214", "messages 参数非法。请检查文档"),
+            Outcome::InvalidRequest
         );
         // A reset time in a Z.AI code not in the table still means a cap.
         assert_eq!(
