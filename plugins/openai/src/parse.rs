@@ -345,26 +345,16 @@ fn finish_kind(reason: &str) -> FinishKind {
 
 /// The outcome of a non-success status (or of an error reported inside a 200).
 fn classify(status: u16, resp: &HttpResponse, info: &ErrorInfo) -> Outcome {
+    // Z.AI's business codes say more than the status (its quota caps, model
+    // and overload errors all come as 429): they decide any 4xx.
+    if (400..=499).contains(&status) {
+        if let Some(outcome) = zai_outcome(info) {
+            return outcome;
+        }
+    }
     match status {
         429 => {
-            if info.zai(ZAI_AUTH) {
-                Outcome::AuthFailed
-            } else if info.zai(ZAI_MODEL) {
-                Outcome::ModelNotFound
-            } else if info.zai(ZAI_TRANSIENT) {
-                Outcome::Transient
-            } else if info.zai(ZAI_DAILY) {
-                Outcome::QuotaExhausted {
-                    reset: Some(QuotaReset::NextDaily),
-                    scope: QuotaScope::Key,
-                }
-            } else if info.zai(ZAI_CAPPED) || (info.zai_code.is_some() && zai_reset(info).is_some())
-            {
-                Outcome::QuotaExhausted {
-                    reset: zai_reset(info).map(|unix_ms| QuotaReset::At { unix_ms }),
-                    scope: QuotaScope::Key,
-                }
-            } else if info.is_quota() {
+            if info.is_quota() {
                 Outcome::quota_exhausted()
             } else if info.message_has(TOO_LARGE_PHRASES) {
                 // OpenAI answers a request larger than the key's whole TPM
@@ -416,9 +406,7 @@ fn classify(status: u16, resp: &HttpResponse, info: &ErrorInfo) -> Outcome {
         }
         408 | 409 | 425 => Outcome::Transient,
         400..=499 => {
-            if info.zai(ZAI_TRANSIENT) {
-                Outcome::Transient
-            } else if info.is_auth() {
+            if info.is_auth() {
                 Outcome::AuthFailed
             } else if info.is_quota() {
                 Outcome::quota_exhausted()
@@ -436,6 +424,33 @@ fn classify(status: u16, resp: &HttpResponse, info: &ErrorInfo) -> Outcome {
         }
         _ => Outcome::Transient,
     }
+}
+
+/// The outcome a Z.AI / BigModel business code decides, if it decides one.
+fn zai_outcome(info: &ErrorInfo) -> Option<Outcome> {
+    info.zai_code.as_ref()?;
+    let quota = |reset: Option<QuotaReset>| Outcome::QuotaExhausted {
+        reset,
+        scope: QuotaScope::Key,
+    };
+    Some(if info.zai(ZAI_AUTH) {
+        Outcome::AuthFailed
+    } else if info.zai(ZAI_MODEL) {
+        Outcome::ModelNotFound
+    } else if info.zai(ZAI_TRANSIENT) {
+        Outcome::Transient
+    } else if info.zai(ZAI_CONTEXT) {
+        Outcome::ContextTooLong
+    } else if info.zai(ZAI_DAILY) {
+        quota(Some(QuotaReset::NextDaily))
+    } else if let Some(unix_ms) = zai_reset(info) {
+        // 1308, 1310, 1316, 1317 and any code whose message states a reset.
+        quota(Some(QuotaReset::At { unix_ms }))
+    } else if info.zai(ZAI_CAPPED) || info.zai(ZAI_QUOTA) {
+        quota(None)
+    } else {
+        return None;
+    })
 }
 
 /// How long a rate-limited key should rest, from the most to the least
@@ -1229,6 +1244,15 @@ mod tests {
             Outcome::Transient
         );
         assert_eq!(zai400("1230", "API 调用流程出错"), Outcome::Transient);
+        // The code decides, whatever 4xx status carries it.
+        assert_eq!(
+            zai400("1304", "该 API 已达今日调用次数限额"),
+            Outcome::QuotaExhausted {
+                reset: Some(QuotaReset::NextDaily),
+                scope: QuotaScope::Key
+            }
+        );
+        assert_eq!(zai400("1261", "Prompt 超长"), Outcome::ContextTooLong);
         assert_eq!(
             zai400("1301", "系统检测到输入或生成内容可能包含不安全或敏感内容"),
             Outcome::InvalidRequest
