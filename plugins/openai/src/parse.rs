@@ -197,7 +197,14 @@ fn success(resp: &HttpResponse, body: &Value, info: &ErrorInfo) -> (Outcome, Opt
             )),
         );
     };
-    if let Some(err) = choice.get("error").filter(|e| e.is_object()) {
+    // An error raised after the answer started: in the choice, or (OpenRouter,
+    // with `finish_reason: "error"`) beside the choices
+    // (https://openrouter.ai/docs/api-reference/errors).
+    let late_error = choice
+        .get("error")
+        .or_else(|| body.get("error"))
+        .filter(|e| e.is_object());
+    if let Some(err) = late_error {
         let inner = ErrorInfo::from_error_object(err);
         let status = inner.status_code.unwrap_or(500);
         let message = inner
@@ -376,7 +383,26 @@ fn classify(status: u16, resp: &HttpResponse, info: &ErrorInfo) -> Outcome {
                 Outcome::AuthFailed
             }
         }
-        402 => Outcome::quota_exhausted(),
+        // OpenRouter's in-flight spending budget
+        // (https://openrouter.ai/docs/api-reference/limits): "in_flight_budget_exhausted"
+        // is transient and comes with a Retry-After; "weight_exceeds_budget"
+        // means this one request costs more than the key's whole budget, so
+        // retrying it never helps but a richer key may take it. Any other 402
+        // is an empty balance or an exhausted per-key credit limit.
+        402 => {
+            let in_flight = info.metadata_str("limit_source")
+                == Some("openrouter_in_flight_budget")
+                || info.metadata_str("reason") == Some("in_flight_budget_exhausted");
+            if in_flight {
+                Outcome::RateLimited {
+                    retry_after_ms: retry_after_ms(resp, info),
+                }
+            } else if info.metadata_str("reason") == Some("weight_exceeds_budget") {
+                Outcome::RequestTooLarge
+            } else {
+                Outcome::quota_exhausted()
+            }
+        }
         403 => {
             if info.message_has(MODERATION_PHRASES) {
                 Outcome::InvalidRequest
@@ -661,6 +687,11 @@ impl ErrorInfo {
             }
         }
         info
+    }
+
+    /// A string field of OpenRouter's `error.metadata`.
+    fn metadata_str(&self, field: &str) -> Option<&str> {
+        self.metadata.as_ref()?.get(field)?.as_str()
     }
 
     fn has_code(&self, set: &[&str]) -> bool {
