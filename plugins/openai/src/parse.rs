@@ -204,14 +204,39 @@ fn success(resp: &HttpResponse, body: &Value, info: &ErrorInfo) -> (Outcome, Opt
         .get("error")
         .or_else(|| body.get("error"))
         .filter(|e| e.is_object());
+    // OpenRouter types such errors in `metadata.error_type`; those that stop
+    // the generation at a limit or a filter still end an answer (OpenRouter
+    // itself turns the length ones into `finish_reason: length` on its
+    // Responses API), every other one decides by its code.
+    let mut ended_by: Option<(FinishReason, Option<String>)> = None;
     if let Some(err) = late_error {
         let inner = ErrorInfo::from_error_object(err);
-        let status = inner.status_code.unwrap_or(500);
-        let message = inner
-            .message
-            .clone()
-            .or_else(|| Some("the completion ended with an error".into()));
-        return (classify(status, resp, &inner), message);
+        match inner.metadata_str("error_type") {
+            Some(
+                "max_tokens_exceeded"
+                | "context_length_exceeded"
+                | "token_limit_exceeded"
+                | "string_too_long",
+            ) => ended_by = Some((FinishReason::Length, None)),
+            Some("content_policy_violation") => {
+                ended_by = Some((FinishReason::ContentFilter, None));
+            }
+            Some("refusal") => {
+                let text = inner
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| "the model refused".into());
+                ended_by = Some((FinishReason::Refusal, Some(text)));
+            }
+            _ => {
+                let status = inner.status_code.unwrap_or(500);
+                let message = inner
+                    .message
+                    .clone()
+                    .or_else(|| Some("the completion ended with an error".into()));
+                return (classify(status, resp, &inner), message);
+            }
+        }
     }
     let Some(message) = choice.get("message").filter(|m| m.is_object()) else {
         return (
@@ -234,7 +259,8 @@ fn success(resp: &HttpResponse, body: &Value, info: &ErrorInfo) -> (Outcome, Opt
         .get("refusal")
         .and_then(Value::as_str)
         .filter(|r| !r.trim().is_empty())
-        .map(String::from);
+        .map(String::from)
+        .or_else(|| ended_by.as_ref().and_then(|(_, r)| r.clone()));
     let usage = body.get("usage");
     let count = |field: &str| {
         usage
@@ -246,9 +272,10 @@ fn success(resp: &HttpResponse, body: &Value, info: &ErrorInfo) -> (Outcome, Opt
     // OpenRouter normalizes `finish_reason` and keeps the upstream's own
     // value in `native_finish_reason`; the native one only fills a gap.
     let native_finish = choice.get("native_finish_reason").and_then(Value::as_str);
-    let finish = match raw_finish.map(finish_kind) {
-        Some(FinishKind::Unknown) | None => native_finish.map(finish_kind),
-        known => known,
+    let finish = match (&ended_by, raw_finish.map(finish_kind)) {
+        (Some((reason, _)), _) => Some(FinishKind::Normalized(*reason)),
+        (None, Some(FinishKind::Unknown) | None) => native_finish.map(finish_kind),
+        (None, known) => known,
     };
     let finish_reason = match finish {
         Some(FinishKind::Failed) => {
@@ -677,6 +704,13 @@ impl ErrorInfo {
             if let Some(c) = err.get(key).and_then(code_of) {
                 info.codes.push(c);
             }
+        }
+        // OpenRouter's typed code (`context_length_exceeded`, …).
+        if let Some(c) = info
+            .metadata_str("error_type")
+            .and_then(|t| code_of(&Value::from(t)))
+        {
+            info.codes.push(c);
         }
         if let Some(code) = err.get("code") {
             info.status_code = status_of(code);
@@ -1164,6 +1198,32 @@ mod tests {
                 json!({"message": {"content": "x"}, "finish_reason": "stop", "native_finish_reason": "end_turn"})
             ),
             Some(FinishReason::Stop)
+        );
+    }
+
+    #[test]
+    fn openrouter_typed_error_codes_count_as_codes() {
+        let r = resp(
+            400,
+            &[],
+            json!({"error": {"code": 400, "message": "Input too big for this endpoint",
+                "metadata": {"error_type": "context_length_exceeded"}}}),
+        );
+        assert_eq!(parse(&r).outcome, Outcome::ContextTooLong);
+        let refusal = resp(
+            200,
+            &[],
+            json!({"error": {"code": 400, "message": "I can't help with that.", "metadata": {"error_type": "refusal"}},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "error"}]}),
+        );
+        assert_eq!(
+            parse(&refusal).outcome,
+            Outcome::Success {
+                text: String::new(),
+                usage: Usage::default(),
+                finish_reason: Some(FinishReason::Refusal),
+                refusal: Some("I can't help with that.".into()),
+            }
         );
     }
 
