@@ -298,7 +298,13 @@ fn success(resp: &HttpResponse, body: &Value, info: &ErrorInfo) -> (Outcome, Opt
         .get("tool_calls")
         .and_then(Value::as_array)
         .is_some_and(|c| !c.is_empty());
-    if !text.is_empty() && text.trim().is_empty() && !has_tool_calls && refusal.is_none() {
+    let clean_stop = matches!(finish_reason, Some(FinishReason::Stop) | None);
+    if clean_stop
+        && !text.is_empty()
+        && text.trim().is_empty()
+        && !has_tool_calls
+        && refusal.is_none()
+    {
         return (
             Outcome::Transient,
             Some("the completion is blank (only whitespace): no answer was produced".into()),
@@ -1186,6 +1192,11 @@ mod tests {
             None
         );
         assert_eq!(finish(json!({"message": {"content": "x"}})), None);
+        // Only a blank "stop" is no answer; a blank filtered answer is one.
+        assert_eq!(
+            finish(json!({"message": {"content": "  "}, "finish_reason": "content_filter"})),
+            Some(FinishReason::ContentFilter)
+        );
         assert_eq!(
             finish(
                 json!({"message": {"content": "x"}, "finish_reason": null, "native_finish_reason": "MAX_TOKENS"})
