@@ -24,7 +24,8 @@
 //! - `doc` (optional) is the URL of the provider documentation page the case
 //!   follows, so a reviewer can check the mapping against its source. The kit
 //!   does not fetch it; a plugin's own tests may insist that every fixture has
-//!   one (see [`fixtures_without_doc`]).
+//!   one (see [`fixtures_without_doc`]). Other fields, such as a `comment`
+//!   saying where the docs are silent and what was chosen, are ignored.
 //!
 //! # Running it
 //!
