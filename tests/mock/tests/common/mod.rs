@@ -4,8 +4,13 @@
 use llmq_mock::{MockServer, Protocol};
 use serde_json::{json, Value};
 
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().build().unwrap()
+/// A client for `s`: it trusts the server's throwaway CA under TLS.
+pub fn client(s: &MockServer) -> reqwest::Client {
+    let mut b = reqwest::Client::builder();
+    if let Some(pem) = s.ca_pem() {
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap());
+    }
+    b.build().unwrap()
 }
 
 pub fn openai_body(model: &str, text: &str, max_tokens: Option<u64>) -> Value {
@@ -92,4 +97,19 @@ pub fn header_u64(r: &reqwest::Response, name: &str) -> u64 {
 pub async fn json_of(r: reqwest::Response) -> (u16, Value) {
     let status = r.status().as_u16();
     (status, r.json().await.unwrap())
+}
+
+/// Polls `cond` until it holds (the mock crate cannot use llmq-testkit, which
+/// depends on it); panics after `timeout`.
+pub async fn wait_for(timeout: std::time::Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(1);
+    while !cond() {
+        assert!(
+            start.elapsed() <= timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
+    }
 }
