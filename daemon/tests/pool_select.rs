@@ -797,13 +797,21 @@ fn model_quota(model: &str, reset: Option<QuotaReset>) -> Fate {
 }
 
 #[test]
-fn a_per_day_quota_of_one_model_parks_only_that_model_on_that_key_until_the_next_daily_reset() {
-    let f = fixture(provider(Limits::default()), keys(2));
+fn a_per_day_quota_of_one_model_parks_only_that_model_on_that_key_until_the_next_pacific_midnight()
+{
+    // Gemini's per-day quotas reset at midnight Pacific.
+    let f = fixture(
+        ProviderConfig {
+            daily_reset: "00:00 America/Los_Angeles".parse().unwrap(),
+            ..provider(Limits::default())
+        },
+        keys(2),
+    );
     prove(&f, 2);
-    // 10:00 UTC on 2024-05-01; the next daily reset (UTC midnight until the
-    // provider's own clock is configured) is 14 h away.
+    // 10:00 UTC on 2024-05-01 is 03:00 PDT: the next Pacific midnight is
+    // 2024-05-02 07:00 UTC, 21 h away (UTC midnight would be 14 h away).
     f.clock.advance(10 * HOUR);
-    let reset_ms = BASE_MS + 24 * 3_600_000;
+    let reset_ms = BASE_MS + 31 * 3_600_000;
     let k0 = KeyId::new("groq", 0);
     let k1 = KeyId::new("groq", 1);
     let a = || AcquireRequest {
@@ -856,7 +864,7 @@ fn a_per_day_quota_of_one_model_parks_only_that_model_on_that_key_until_the_next
             pinned: Some(&k0),
             ..a()
         })),
-        f.clock.now() + 14 * HOUR
+        f.clock.now() + 21 * HOUR
     );
     // Key 1 runs out for model A too: A waits for the reset (like a cooling
     // key), it is not refused for ever.
@@ -864,12 +872,12 @@ fn a_per_day_quota_of_one_model_parks_only_that_model_on_that_key_until_the_next
     assert_eq!(p.key_id(), &k1);
     p.report(model_quota("gemini-2.0-flash", Some(QuotaReset::NextDaily)));
     let until = wait_until(f.pool.try_acquire(&a()));
-    assert_eq!(until, f.clock.now() + 14 * HOUR);
+    assert_eq!(until, f.clock.now() + 21 * HOUR);
     let why = f.pool.model_parks("groq", "gemini-2.0-flash");
     assert_eq!(why.len(), 2, "{why:?}");
     assert!(
         why[0].starts_with(
-            "quota for model gemini-2.0-flash on key groq#0 exhausted until 2024-05-02T00:00:00Z"
+            "quota for model gemini-2.0-flash on key groq#0 exhausted until 2024-05-02T07:00:00Z"
         ),
         "{why:?}"
     );

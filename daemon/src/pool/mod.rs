@@ -441,11 +441,10 @@ pub fn model_key(model: &str) -> &str {
     model.strip_prefix("models/").unwrap_or(model)
 }
 
-/// Clock time of a provider's next daily reset, when per-day quotas come
-/// back. One place, so the provider's own clock (`daily_reset`) is a
-/// one-line change here.
-pub(crate) fn next_daily_reset(_provider: &ProviderConfig, now: Now) -> Duration {
-    now.next_midnight()
+/// Clock time of a provider's next daily reset (its `daily_reset`, e.g.
+/// Pacific midnight for Gemini), when per-day quotas come back.
+pub(crate) fn next_daily_reset(provider: &ProviderConfig, now: Now) -> Duration {
+    now.mono_at(provider.daily_reset.next_after(now.unix_ms))
 }
 
 /// RFC 3339 (UTC) of a Unix-ms instant, for messages.
