@@ -145,6 +145,16 @@ pub struct Branch {
     pub duration_ms: u64,
 }
 
+impl Branch {
+    /// Records the model's answer: its text (`output`, `message.content`),
+    /// its refusal and how it ended.
+    fn answer(&mut self, text: String, finish: Option<FinishReason>, refusal: Option<String>) {
+        self.finish_reason = finish_of(finish, refusal.as_deref());
+        self.message = Some(ResultMessage::assistant(&text, refusal));
+        self.output = Some(text);
+    }
+}
+
 impl Executor {
     pub fn new(runtime: Runtime, upstream: Upstream, clock: SharedClock) -> Executor {
         Executor {
@@ -548,9 +558,7 @@ impl Executor {
                     metrics::counter!(crate::metrics::TOKENS_TOTAL, "provider" => route.provider.to_string(), "direction" => "output").increment(usage.output_tokens);
                     metrics::counter!(crate::metrics::COST_USD_MICROS_TOTAL, "provider" => route.provider.to_string()).increment((cost * 1e6) as u64);
                     branch.status = Status::Succeeded;
-                    branch.finish_reason = finish_of(finish_reason, refusal.as_deref());
-                    branch.message = Some(ResultMessage::assistant(&text, refusal));
-                    branch.output = Some(text);
+                    branch.answer(text, finish_reason, refusal);
                     branch.usage = Some(UsageOut {
                         input_tokens: usage.input_tokens,
                         output_tokens: usage.output_tokens,
@@ -915,5 +923,114 @@ impl JobHandler for ExecutorHandler {
                 .increment(1);
             Disposition::Done(result)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn job(body: &str) -> Job {
+        crate::job::parse_job(body.as_bytes(), 4096).expect("job parses")
+    }
+
+    fn answered(text: &str, finish: Option<FinishReason>, refusal: Option<&str>) -> Branch {
+        let mut b = Branch {
+            model_asked: "m".into(),
+            status: Status::Succeeded,
+            output: None,
+            finish_reason: None,
+            message: None,
+            route: None,
+            key: None,
+            usage: None,
+            cost_usd: 0.0,
+            attempts: vec![],
+            error: None,
+            duration_ms: 1,
+        };
+        b.answer(text.into(), finish, refusal.map(String::from));
+        b
+    }
+
+    #[test]
+    fn a_refusal_reaches_the_result_as_finish_reason_and_message_refusal() {
+        let j = job(r#"{"id":"r1","messages":[{"role":"user","content":"hi"}]}"#);
+        // OpenAI sends finish_reason "stop" beside message.refusal: never a plain stop.
+        let b = answered(
+            "",
+            Some(FinishReason::Stop),
+            Some("I can't help with that."),
+        );
+        let v = serde_json::to_value(branch_to_result(&j, b)).unwrap();
+        assert_eq!(v["status"], "succeeded");
+        assert_eq!(v["finish_reason"], "refusal");
+        assert_eq!(
+            v["message"],
+            json!({"role": "assistant", "content": null, "refusal": "I can't help with that."})
+        );
+        assert_eq!(v["output"], "");
+        // Anthropic's stop_reason "refusal" with no text, and no reason at all.
+        let b = answered("", None, Some("no"));
+        let v = serde_json::to_value(branch_to_result(&j, b)).unwrap();
+        assert_eq!(v["finish_reason"], "refusal");
+    }
+
+    #[test]
+    fn length_and_content_filter_finishes_are_reported_as_such() {
+        let j = job(r#"{"id":"r2","messages":[{"role":"user","content":"hi"}]}"#);
+        let b = answered("cut sh", Some(FinishReason::Length), None);
+        let v = serde_json::to_value(branch_to_result(&j, b)).unwrap();
+        assert_eq!(v["status"], "succeeded");
+        assert_eq!(v["finish_reason"], "length");
+        assert_eq!(
+            v["message"],
+            json!({"role": "assistant", "content": "cut sh", "refusal": null})
+        );
+        assert_eq!(v["output"], "cut sh");
+        let b = answered("", Some(FinishReason::ContentFilter), None);
+        let v = serde_json::to_value(branch_to_result(&j, b)).unwrap();
+        assert_eq!(v["finish_reason"], "content_filter");
+        assert_eq!(v["message"]["content"], serde_json::Value::Null);
+        // A provider that says nothing: no finish_reason rather than a guessed "stop".
+        let b = answered("hello", None, None);
+        let v = serde_json::to_value(branch_to_result(&j, b)).unwrap();
+        assert!(v.get("finish_reason").is_none(), "{v}");
+        // The result reads back as it was written.
+        let r: JobResult = serde_json::from_value(v).unwrap();
+        assert_eq!(r.message.unwrap().content.as_deref(), Some("hello"));
+    }
+
+    #[test]
+    fn each_fan_out_response_carries_its_own_finish_and_message() {
+        let j =
+            job(r#"{"id":"r3","models":["a","b"],"messages":[{"role":"user","content":"hi"}]}"#);
+        let mut a = answered("long answ", Some(FinishReason::Length), None);
+        a.model_asked = "a".into();
+        let mut b = answered("", Some(FinishReason::Refusal), Some("I won't."));
+        b.model_asked = "b".into();
+        let v = serde_json::to_value(fan_out_result(&j, vec![a, b])).unwrap();
+        assert_eq!(v["responses"][0]["finish_reason"], "length");
+        assert_eq!(v["responses"][0]["message"]["content"], "long answ");
+        assert_eq!(v["responses"][1]["finish_reason"], "refusal");
+        assert_eq!(v["responses"][1]["message"]["refusal"], "I won't.");
+    }
+
+    #[test]
+    fn finish_of_never_turns_a_refusal_into_stop() {
+        assert_eq!(
+            finish_of(Some(FinishReason::Stop), None),
+            Some(FinishReason::Stop)
+        );
+        assert_eq!(finish_of(None, None), None);
+        assert_eq!(
+            finish_of(Some(FinishReason::Stop), Some("x")),
+            Some(FinishReason::Refusal)
+        );
+        assert_eq!(
+            finish_of(Some(FinishReason::ContentFilter), Some("x")),
+            Some(FinishReason::ContentFilter)
+        );
     }
 }

@@ -1281,4 +1281,36 @@ mod tests {
         );
         assert_eq!(fate_args(&Fate::Disabled { reason: "x".into() }, &l).2, "x");
     }
+
+    #[test]
+    fn a_model_quota_leaves_the_key_alone_cluster_wide_and_a_key_quota_probes_at_its_reset() {
+        let l = KeyLimits::default();
+        let model = Fate::ModelQuota {
+            model: "gemini-2.0-flash".into(),
+            reason: "quota_exhausted".into(),
+            reset: Some(llmq_sdk::QuotaReset::At { unix_ms: u64::MAX }),
+        };
+        assert_eq!(fate_args(&model, &l).0, "untouched");
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let key = Fate::QuotaExhausted {
+            reason: "quota_exhausted".into(),
+            reset: Some(llmq_sdk::QuotaReset::At {
+                unix_ms: now_ms + 3_600_000,
+            }),
+        };
+        assert_eq!(fate_args(&key, &l).0, "disabled");
+        let after = reprobe_after(&key, &l);
+        assert!(
+            after <= Duration::from_secs(3600) && after > Duration::from_secs(3590),
+            "{after:?}"
+        );
+        let unknown = Fate::QuotaExhausted {
+            reason: "quota_exhausted".into(),
+            reset: None,
+        };
+        assert_eq!(reprobe_after(&unknown, &l), l.reprobe);
+    }
 }
