@@ -61,6 +61,7 @@ mod tests {
             "mistral",
             "nvidia",
             "zai",
+            "bigmodel",
             "openrouter",
             "ollama",
         ] {
@@ -73,6 +74,15 @@ mod tests {
         assert_eq!(p["anthropic"].env_aliases, vec!["CLAUDE".to_string()]);
         assert_eq!(p["gemini"].env_aliases, vec!["GOOGLE".to_string()]);
         assert!(p["ollama"].keyless);
+        // Z.AI's international API and BigModel (China) are separate
+        // platforms with separate keys.
+        assert_eq!(p["zai"].base_url, "https://api.z.ai/api/paas/v4");
+        assert_eq!(
+            p["bigmodel"].base_url,
+            "https://open.bigmodel.cn/api/paas/v4"
+        );
+        assert_eq!(p["bigmodel"].keys_env.as_deref(), Some("BIGMODEL"));
+        assert_eq!(p["bigmodel"].env_aliases, vec!["ZHIPUAI".to_string()]);
         assert!(table().unwrap().contains_key("providers"));
     }
 }

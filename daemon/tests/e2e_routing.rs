@@ -894,6 +894,8 @@ enabled = false
 enabled = false
 [providers.zai]
 enabled = false
+[providers.bigmodel]
+enabled = false
 [providers.openrouter]
 enabled = false
 [providers.ollama]

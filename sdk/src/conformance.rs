@@ -21,6 +21,10 @@
 //!   not contain.
 //! - `"expect_error": true` instead of `expect` says the call must be refused
 //!   (a [`crate::PluginError`]; a panic is never a refusal).
+//! - `doc` (optional) is the URL of the provider documentation page the case
+//!   follows, so a reviewer can check the mapping against its source. The kit
+//!   does not fetch it; a plugin's own tests may insist that every fixture has
+//!   one (see [`fixtures_without_doc`]).
 //!
 //! # Running it
 //!
@@ -60,6 +64,9 @@ use std::path::{Path, PathBuf};
 pub struct Fixture {
     pub name: String,
     pub call: String,
+    /// The provider documentation page this case follows (an `http(s)` URL).
+    #[serde(default)]
+    pub doc: Option<String>,
     pub input: Value,
     #[serde(default)]
     pub expect: Option<Value>,
@@ -228,6 +235,21 @@ pub fn missing_outcome_kinds(fixtures: &[(PathBuf, Fixture)]) -> Vec<&'static st
     Outcome::KINDS
         .into_iter()
         .filter(|kind| !covered.contains(kind))
+        .collect()
+}
+
+/// The fixtures whose `doc` is missing or is not an `http(s)://` URL, by
+/// file: empty when every case names the documentation page it follows.
+pub fn fixtures_without_doc(fixtures: &[(PathBuf, Fixture)]) -> Vec<PathBuf> {
+    fixtures
+        .iter()
+        .filter(|(_, fx)| {
+            !fx.doc.as_deref().map(str::trim).is_some_and(|d| {
+                (d.starts_with("https://") || d.starts_with("http://"))
+                    && !d.contains(char::is_whitespace)
+            })
+        })
+        .map(|(file, _)| file.clone())
         .collect()
 }
 
@@ -628,6 +650,36 @@ mod tests {
             missing_outcome_kinds(&fixtures),
             ["auth_failed", "transient"]
         );
+    }
+
+    #[test]
+    fn fixtures_without_doc_names_cases_with_no_doc_url() {
+        let fx = |name: &str, doc: Value| {
+            let f: Fixture = serde_json::from_value(json!({"name": name, "call": "parse",
+                "input": {}, "expect": {}, "doc": doc}))
+            .unwrap();
+            (PathBuf::from(format!("{name}.json")), f)
+        };
+        let fixtures = vec![
+            fx(
+                "ok",
+                json!("https://platform.openai.com/docs/guides/error-codes"),
+            ),
+            fx("missing", Value::Null),
+            fx("not_a_url", json!("see the docs")),
+            fx("blank", json!("  ")),
+        ];
+        assert_eq!(
+            fixtures_without_doc(&fixtures),
+            [
+                PathBuf::from("missing.json"),
+                PathBuf::from("not_a_url.json"),
+                PathBuf::from("blank.json")
+            ]
+        );
+        let no_field: Fixture =
+            serde_json::from_value(json!({"name": "n", "call": "parse", "input": {}})).unwrap();
+        assert_eq!(no_field.doc, None);
     }
 
     #[test]

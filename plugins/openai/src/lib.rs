@@ -26,7 +26,10 @@ pub const DEFAULT_PROVIDERS: &[(&str, &str)] = &[
     ("groq", "https://api.groq.com/openai/v1"),
     ("nvidia", "https://integrate.api.nvidia.com/v1"),
     ("mistral", "https://api.mistral.ai/v1"),
-    ("zai", "https://open.bigmodel.cn/api/paas/v4"),
+    // Z.AI's international platform (https://docs.z.ai); its Chinese twin,
+    // BigModel (https://docs.bigmodel.cn), has its own accounts and keys.
+    ("zai", "https://api.z.ai/api/paas/v4"),
+    ("bigmodel", "https://open.bigmodel.cn/api/paas/v4"),
     ("openrouter", "https://openrouter.ai/api/v1"),
     ("ollama", "http://127.0.0.1:11434/v1"),
     ("deepseek", "https://api.deepseek.com/v1"),
@@ -82,6 +85,7 @@ mod tests {
                 "nvidia",
                 "mistral",
                 "zai",
+                "bigmodel",
                 "openrouter",
                 "ollama",
                 "deepseek"
@@ -89,6 +93,17 @@ mod tests {
         );
         let groq = m.providers.iter().find(|p| p.name == "groq").unwrap();
         assert_eq!(groq.base_url, "https://api.groq.com/openai/v1");
+        let base = |name: &str| {
+            m.providers
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.base_url.as_str())
+        };
+        assert_eq!(base("zai"), Some("https://api.z.ai/api/paas/v4"));
+        assert_eq!(
+            base("bigmodel"),
+            Some("https://open.bigmodel.cn/api/paas/v4")
+        );
         assert!(m
             .providers
             .iter()

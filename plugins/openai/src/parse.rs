@@ -15,7 +15,9 @@ use crate::redact::redact;
 use llmq_sdk::wire::{
     duration_after, parse_duration_ms, parse_u64, retry_after_headers_ms, truncate_message,
 };
-use llmq_sdk::{HttpResponse, ObservedLimits, Outcome, Parsed, Usage};
+use llmq_sdk::{
+    FinishReason, HttpResponse, ObservedLimits, Outcome, Parsed, QuotaReset, QuotaScope, Usage,
+};
 use serde_json::Value;
 
 /// Longest upstream message passed on, in characters.
@@ -91,13 +93,41 @@ const RETRYABLE_CODES: &[&str] = &["json_validate_failed"];
 /// Messages of a content-policy refusal (OpenRouter's 403 moderation).
 const MODERATION_PHRASES: &[&str] = &["flagged", "moderation", "guardrail", "content policy"];
 
-/// Z.AI business codes (`error.code`, four digits).
+/// Z.AI / BigModel business codes (`error.code`, four digits), from the
+/// tables at <https://docs.z.ai/api-reference/api-code> and
+/// <https://docs.bigmodel.cn/cn/api/api-code> (the two platforms share them).
+///
+/// The key or account is unusable: authentication 1000–1004, account
+/// inactive / missing / locked 1110–1112, locked for irregular activity 1121.
 const ZAI_AUTH: &[&str] = &[
     "1000", "1001", "1002", "1003", "1004", "1110", "1111", "1112", "1121",
 ];
-const ZAI_QUOTA: &[&str] = &["1113", "1309"];
+/// No credit: in arrears 1113, GLM Coding Plan expired 1309; 1313: the
+/// account's use "does not comply with the fair-use policy, its request rate
+/// has been restricted" until the owner applies to lift it, so no reset time.
+const ZAI_QUOTA: &[&str] = &["1113", "1309", "1313"];
+/// 1304: "this API has reached today's call limit".
+const ZAI_DAILY: &[&str] = &["1304"];
+/// Usage caps whose message says when they reset ("Your limit will reset at
+/// {next_flush_time}"): 1308 (usage cap of a window), 1310 (weekly/monthly
+/// cap), 1316 / 1317 (the past 5 hours / 7 days, no balance left for extra
+/// usage).
+const ZAI_CAPPED: &[&str] = &["1308", "1310", "1316", "1317"];
+/// 1211: the model does not exist; 1311: the subscription does not include
+/// this model.
 const ZAI_MODEL: &[&str] = &["1211", "1311"];
+/// 1312: "this model is overloaded right now, try later or switch to another
+/// model": the provider's capacity, not this key's.
+const ZAI_OVERLOADED: &[&str] = &["1312"];
+/// 1261: "Prompt 超长" (the prompt is too long).
 const ZAI_CONTEXT: &[&str] = &["1261"];
+/// Z.AI's `{next_flush_time}` is a wall-clock `YYYY-MM-DD HH:MM:SS` with no
+/// zone. The docs do not name the zone; users who compared it with their
+/// quota dashboards found Beijing time, UTC+8 (e.g.
+/// <https://github.com/can1357/oh-my-pi/issues/11014>). Reading it as UTC+8
+/// is also the conservative choice: it is the earlier of the two plausible
+/// instants, so at worst the key is tried once early and parked again.
+const ZAI_RESET_UTC_OFFSET_MS: i64 = 8 * 3_600_000;
 
 /// Classifies one response.
 pub fn parse(resp: &HttpResponse) -> Parsed {
@@ -191,7 +221,7 @@ fn success(resp: &HttpResponse, body: &Value, info: &ErrorInfo) -> (Outcome, Opt
     let refusal = message
         .get("refusal")
         .and_then(Value::as_str)
-        .filter(|r| !r.is_empty())
+        .filter(|r| !r.trim().is_empty())
         .map(String::from);
     let usage = body.get("usage");
     let count = |field: &str| {
@@ -200,19 +230,112 @@ fn success(resp: &HttpResponse, body: &Value, info: &ErrorInfo) -> (Outcome, Opt
             .and_then(Value::as_u64)
             .unwrap_or(0)
     };
+    let raw_finish = choice.get("finish_reason").and_then(Value::as_str);
+    // OpenRouter normalizes `finish_reason` and keeps the upstream's own
+    // value in `native_finish_reason`; the native one only fills a gap.
+    let native_finish = choice.get("native_finish_reason").and_then(Value::as_str);
+    let finish = match raw_finish.map(finish_kind) {
+        Some(FinishKind::Unknown) | None => native_finish.map(finish_kind),
+        known => known,
+    };
+    let finish_reason = match finish {
+        Some(FinishKind::Failed) => {
+            let reason = raw_finish.or(native_finish).unwrap_or("error");
+            return (
+                Outcome::Transient,
+                Some(format!(
+                    "the provider ended the completion with finish_reason {reason:?}: it failed mid-answer"
+                )),
+            );
+        }
+        Some(FinishKind::Normalized(r)) => Some(r),
+        Some(FinishKind::Unknown) | None => None,
+    };
+    // DeepSeek's JSON Output replaces an answer that is not valid JSON with
+    // spaces, "even when finish_reason is stop", and advises a retry
+    // (https://api-docs.deepseek.com/guides/json_mode). A reply of nothing
+    // but whitespace is no answer from any provider: try again.
+    let has_tool_calls = message
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .is_some_and(|c| !c.is_empty());
+    if !text.is_empty() && text.trim().is_empty() && !has_tool_calls && refusal.is_none() {
+        return (
+            Outcome::Transient,
+            Some("the completion is blank (only whitespace): no answer was produced".into()),
+        );
+    }
+    // OpenAI sets `message.refusal` when the model declines; the finish
+    // reason then still says "stop". A refusal is never a plain stop.
+    let finish_reason = if refusal.is_some() {
+        Some(FinishReason::Refusal)
+    } else {
+        finish_reason
+    };
     let outcome = Outcome::Success {
         text,
         usage: Usage {
             input_tokens: count("prompt_tokens"),
             output_tokens: count("completion_tokens"),
         },
-        finish_reason: choice
-            .get("finish_reason")
-            .and_then(Value::as_str)
-            .and_then(normalize_finish),
-        refusal: None,
+        finish_reason,
+        refusal,
     };
-    (outcome, refusal)
+    (outcome, None)
+}
+
+/// What a provider's `finish_reason` means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FinishKind {
+    /// A normal end, normalized.
+    Normalized(FinishReason),
+    /// The provider failed mid-answer: the text is not an answer.
+    Failed,
+    /// A value no provider documents: reported as no finish reason, never as
+    /// a clean stop.
+    Unknown,
+}
+
+/// Every documented `finish_reason` of the OpenAI-compatible providers:
+/// - OpenAI: `stop`, `length`, `tool_calls`, `content_filter`,
+///   `function_call` (deprecated)
+///   (<https://platform.openai.com/docs/api-reference/chat/object>);
+/// - Mistral: `stop`, `length`, `model_length`, `error`, `tool_calls`
+///   (<https://docs.mistral.ai/api/#tag/chat/operation/chat_completion_v1_chat_completions_post>);
+/// - DeepSeek: `stop`, `length`, `content_filter`, `tool_calls`,
+///   `insufficient_system_resource` ("interrupted due to insufficient
+///   resource of the inference system",
+///   <https://api-docs.deepseek.com/api/create-chat-completion>);
+/// - Z.AI / BigModel: `stop`, `tool_calls`, `length`, `sensitive` (blocked by
+///   the safety review), `network_error` ("model inference error")
+///   (<https://docs.bigmodel.cn/api-reference/%E6%A8%A1%E5%9E%8B-api/%E6%9F%A5%E8%AF%A2%E5%BC%82%E6%AD%A5%E7%BB%93%E6%9E%9C>);
+///   Z.AI also sends the undocumented `model_context_window_exceeded`
+///   (<https://github.com/anomalyco/opencode/issues/18813>), read as `length`
+///   as Anthropic documents the same value;
+/// - OpenRouter: `tool_calls`, `stop`, `length`, `content_filter`, `error`,
+///   with the upstream's raw value in `native_finish_reason`
+///   (<https://openrouter.ai/docs/api-reference/overview>), so the raw
+///   values of Anthropic (`end_turn`, `stop_sequence`, `max_tokens`,
+///   `tool_use`, `refusal`) and Gemini (`STOP`, `MAX_TOKENS`, `SAFETY`,
+///   `RECITATION`, …) are read too;
+/// - Ollama passes its `done_reason` through (`stop`, `length`; `tool_calls`
+///   when the model called a tool; `load` / `unload` are not completions)
+///   (<https://github.com/ollama/ollama/blob/main/openai/openai.go>);
+/// - vLLM / TGI: `stop`, `length`, `eos_token`, `abort`.
+fn finish_kind(reason: &str) -> FinishKind {
+    use FinishReason as F;
+    FinishKind::Normalized(match reason.trim().to_ascii_lowercase().as_str() {
+        "stop" | "end_turn" | "stop_sequence" | "eos" | "eos_token" | "pause_turn" => F::Stop,
+        "length" | "model_length" | "max_tokens" | "model_context_window_exceeded" => F::Length,
+        "tool_calls" | "function_call" | "tool_use" => F::ToolCalls,
+        "content_filter" | "sensitive" | "safety" | "recitation" | "blocklist"
+        | "prohibited_content" | "spii" | "image_safety" => F::ContentFilter,
+        "refusal" => F::Refusal,
+        "error" | "network_error" | "insufficient_system_resource" | "abort" => {
+            return FinishKind::Failed
+        }
+        _ => return FinishKind::Unknown,
+    })
 }
 
 /// The outcome of a non-success status (or of an error reported inside a 200).
@@ -221,6 +344,21 @@ fn classify(status: u16, resp: &HttpResponse, info: &ErrorInfo) -> Outcome {
         429 => {
             if info.zai(ZAI_AUTH) {
                 Outcome::AuthFailed
+            } else if info.zai(ZAI_MODEL) {
+                Outcome::ModelNotFound
+            } else if info.zai(ZAI_OVERLOADED) {
+                Outcome::Transient
+            } else if info.zai(ZAI_DAILY) {
+                Outcome::QuotaExhausted {
+                    reset: Some(QuotaReset::NextDaily),
+                    scope: QuotaScope::Key,
+                }
+            } else if info.zai(ZAI_CAPPED) || (info.zai_code.is_some() && zai_reset(info).is_some())
+            {
+                Outcome::QuotaExhausted {
+                    reset: zai_reset(info).map(|unix_ms| QuotaReset::At { unix_ms }),
+                    scope: QuotaScope::Key,
+                }
             } else if info.is_quota() {
                 Outcome::quota_exhausted()
             } else {
@@ -249,9 +387,21 @@ fn classify(status: u16, resp: &HttpResponse, info: &ErrorInfo) -> Outcome {
             }
         }
         404 | 410 => Outcome::ModelNotFound,
-        // Groq: "Request too large for model … on tokens per minute": the
-        // request can never fit this key's window; a bigger route may take it.
-        413 => Outcome::ContextTooLong,
+        // Groq: "Request too large for model … on tokens per minute (TPM):
+        // Limit 6000, Requested 14810": larger than this key's TPM window, so
+        // this key can never take it; other keys and routes may
+        // (https://console.groq.com/docs/rate-limits). A 413 that says the
+        // prompt overflows the model's context is a context overflow; any
+        // other 413 ("The request body is too large",
+        // https://console.groq.com/docs/errors) is also a per-request size
+        // limit of this endpoint, so it moves on the same way.
+        413 => {
+            if info.is_context() {
+                Outcome::ContextTooLong
+            } else {
+                Outcome::RequestTooLarge
+            }
+        }
         408 | 409 | 425 => Outcome::Transient,
         400..=499 => {
             if info.is_auth() {
@@ -321,6 +471,69 @@ fn openrouter_reset_ms(resp: &HttpResponse, info: &ErrorInfo) -> Option<u64> {
     }
     let reset = get("x-ratelimit-reset")?;
     Some(reset.saturating_sub(resp.received_at_unix_ms))
+}
+
+/// The reset instant a Z.AI quota message states ("Your limit will reset at
+/// 2026-09-09 05:38:28", "您的限额将在 2026-09-09 05:38:28 重置"), in Unix
+/// ms, read as Beijing time (see [`ZAI_RESET_UTC_OFFSET_MS`]).
+fn zai_reset(info: &ErrorInfo) -> Option<u64> {
+    let message = info.message.as_deref()?;
+    let bytes = message.as_bytes();
+    (0..bytes.len()).find_map(|i| {
+        let stamp = bytes.get(i..i + 19)?;
+        let local_ms = parse_wall_clock_ms(stamp)?;
+        u64::try_from(local_ms.checked_sub(ZAI_RESET_UTC_OFFSET_MS)?).ok()
+    })
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (a `T` is accepted for the space) as milliseconds
+/// since 1970-01-01T00:00:00 of the same wall clock. Fixed-width digits
+/// only, every field range-checked, checked arithmetic throughout.
+fn parse_wall_clock_ms(s: &[u8]) -> Option<i64> {
+    if s.len() != 19
+        || s[4] != b'-'
+        || s[7] != b'-'
+        || !(s[10] == b' ' || s[10] == b'T')
+        || s[13] != b':'
+        || s[16] != b':'
+    {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| -> Option<i64> {
+        s.get(range)?.iter().try_fold(0i64, |acc, &b| {
+            b.is_ascii_digit()
+                .then(|| acc.checked_mul(10)?.checked_add(i64::from(b - b'0')))
+                .flatten()
+        })
+    };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let month_days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if year < 1970 || !(1..=month_days).contains(&day) || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    // Days from 1970-01-01 (Howard Hinnant's days_from_civil, years >= 1970).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era
+        .checked_mul(146_097)?
+        .checked_add(doe)?
+        .checked_sub(719_468)?;
+    let secs = days
+        .checked_mul(86_400)?
+        .checked_add(hour * 3_600 + minute * 60 + second)?;
+    secs.checked_mul(1_000)
 }
 
 /// "Please try again in 6m0s." / "try again in 20ms" / "retry after 20 seconds".
@@ -717,7 +930,19 @@ mod tests {
             &[],
             json!({"error": {"message": "Request too large for model `llama-3.1-8b-instant` in organization `org_x` service tier `on_demand` on tokens per minute (TPM): Limit 6000, Requested 12328, please reduce your message size and try again.", "type": "tokens", "code": "rate_limit_exceeded"}}),
         );
-        assert_eq!(parse(&groq_tpm).outcome, Outcome::ContextTooLong);
+        assert_eq!(parse(&groq_tpm).outcome, Outcome::RequestTooLarge);
+        let too_long_413 = resp(
+            413,
+            &[],
+            json!({"error": {"message": "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens.", "type": "invalid_request_error", "code": "context_length_exceeded"}}),
+        );
+        assert_eq!(parse(&too_long_413).outcome, Outcome::ContextTooLong);
+        let body_413 = resp(
+            413,
+            &[],
+            json!({"error": {"message": "Request Entity Too Large"}}),
+        );
+        assert_eq!(parse(&body_413).outcome, Outcome::RequestTooLarge);
         let decommissioned = resp(
             400,
             &[],
@@ -810,10 +1035,186 @@ mod tests {
             json!({"choices": [{"message": {"role": "assistant", "content": null, "refusal": "I can't help with that."}, "finish_reason": "stop"}]}),
         );
         let p = parse(&refusal);
-        assert!(matches!(p.outcome, Outcome::Success { ref text, .. } if text.is_empty()));
-        assert_eq!(p.message.as_deref(), Some("I can't help with that."));
+        assert_eq!(
+            p.outcome,
+            Outcome::Success {
+                text: String::new(),
+                usage: Usage::default(),
+                finish_reason: Some(FinishReason::Refusal),
+                refusal: Some("I can't help with that.".into()),
+            }
+        );
+        assert_eq!(p.message, None);
         let no_message = resp(200, &[], json!({"choices": [{"text": "legacy"}]}));
         assert_eq!(parse(&no_message).outcome, Outcome::Transient);
+    }
+
+    #[test]
+    fn every_documented_finish_reason_is_normalized_or_failed() {
+        use FinishReason as F;
+        for (raw, want) in [
+            ("stop", FinishKind::Normalized(F::Stop)),
+            ("length", FinishKind::Normalized(F::Length)),
+            ("model_length", FinishKind::Normalized(F::Length)),
+            (
+                "model_context_window_exceeded",
+                FinishKind::Normalized(F::Length),
+            ),
+            ("tool_calls", FinishKind::Normalized(F::ToolCalls)),
+            ("function_call", FinishKind::Normalized(F::ToolCalls)),
+            ("content_filter", FinishKind::Normalized(F::ContentFilter)),
+            ("sensitive", FinishKind::Normalized(F::ContentFilter)),
+            ("SAFETY", FinishKind::Normalized(F::ContentFilter)),
+            ("MAX_TOKENS", FinishKind::Normalized(F::Length)),
+            ("end_turn", FinishKind::Normalized(F::Stop)),
+            ("tool_use", FinishKind::Normalized(F::ToolCalls)),
+            ("refusal", FinishKind::Normalized(F::Refusal)),
+            ("error", FinishKind::Failed),
+            ("network_error", FinishKind::Failed),
+            ("insufficient_system_resource", FinishKind::Failed),
+            ("abort", FinishKind::Failed),
+            ("load", FinishKind::Unknown),
+            ("", FinishKind::Unknown),
+        ] {
+            assert_eq!(finish_kind(raw), want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_finish_reason_is_never_reported_as_stop_and_native_fills_the_gap() {
+        let finish =
+            |choice: Value| match parse(&resp(200, &[], json!({"choices": [choice]}))).outcome {
+                Outcome::Success { finish_reason, .. } => finish_reason,
+                other => panic!("{other:?}"),
+            };
+        assert_eq!(
+            finish(json!({"message": {"content": "x"}, "finish_reason": "something_new"})),
+            None
+        );
+        assert_eq!(finish(json!({"message": {"content": "x"}})), None);
+        assert_eq!(
+            finish(
+                json!({"message": {"content": "x"}, "finish_reason": null, "native_finish_reason": "MAX_TOKENS"})
+            ),
+            Some(FinishReason::Length)
+        );
+        // The normalized value wins over the native one.
+        assert_eq!(
+            finish(
+                json!({"message": {"content": "x"}, "finish_reason": "stop", "native_finish_reason": "end_turn"})
+            ),
+            Some(FinishReason::Stop)
+        );
+    }
+
+    #[test]
+    fn wall_clock_stamps_parse_with_range_checks() {
+        let ms = |s: &str| parse_wall_clock_ms(s.as_bytes());
+        assert_eq!(ms("1970-01-01 00:00:00"), Some(0));
+        assert_eq!(ms("2026-09-09 05:38:28"), Some(1_788_932_308_000));
+        assert_eq!(ms("2024-02-29T23:59:59"), Some(1_709_251_199_000));
+        for bad in [
+            "2025-02-29 00:00:00",
+            "2026-13-01 00:00:00",
+            "2026-00-10 00:00:00",
+            "2026-04-31 00:00:00",
+            "2026-01-01 24:00:00",
+            "2026-01-01 23:60:00",
+            "2026-01-01 23:00:60",
+            "1969-12-31 23:59:59",
+            "2026/01/01 00:00:00",
+            "2026-01-01 00:00:0",
+            "２０２６-01-01 00:00:00",
+            "+026-01-01 00:00:00",
+        ] {
+            assert_eq!(ms(bad), None, "{bad:?}");
+        }
+        // Found anywhere in the message, read as UTC+8.
+        let info = ErrorInfo {
+            message: Some("[1308][您的限额将在 2026-09-09 05:38:28 重置][id]".into()),
+            ..ErrorInfo::default()
+        };
+        assert_eq!(zai_reset(&info), Some(1_788_932_308_000 - 8 * 3_600_000));
+        let info = ErrorInfo {
+            message: Some("Usage limit reached. é 2026-9-9".into()),
+            ..ErrorInfo::default()
+        };
+        assert_eq!(zai_reset(&info), None);
+    }
+
+    #[test]
+    fn zai_429_codes_by_meaning() {
+        let zai = |code: &str, message: &str| {
+            parse(&resp(
+                429,
+                &[],
+                json!({"error": {"code": code, "message": message}}),
+            ))
+            .outcome
+        };
+        assert_eq!(
+            zai(
+                "1304",
+                "该 API 已达今日调用次数限额,如有更多需求,请联系客服购买"
+            ),
+            Outcome::QuotaExhausted {
+                reset: Some(QuotaReset::NextDaily),
+                scope: QuotaScope::Key
+            }
+        );
+        assert_eq!(
+            zai(
+                "1310",
+                "Weekly/Monthly Limit Exhausted. Your limit will reset at 2026-12-07 00:00:00"
+            ),
+            Outcome::QuotaExhausted {
+                reset: Some(QuotaReset::At {
+                    unix_ms: 1_796_572_800_000
+                }),
+                scope: QuotaScope::Key
+            }
+        );
+        assert_eq!(
+            zai("1310", "Weekly/Monthly Limit Exhausted."),
+            Outcome::quota_exhausted()
+        );
+        assert_eq!(
+            zai(
+                "1313",
+                "您的账户当前使用模式不符合公平使用策略,请求频率已受到限制。"
+            ),
+            Outcome::quota_exhausted()
+        );
+        assert_eq!(
+            zai("1311", "当前订阅套餐暂未开放GLM-5权限"),
+            Outcome::ModelNotFound
+        );
+        assert_eq!(
+            zai("1312", "该模型当前访问量过大,请您稍后再试"),
+            Outcome::Transient
+        );
+        assert_eq!(
+            zai(
+                "1303",
+                "您当前使用该 API 的频率过高,请降低频率,或联系客服增加限额"
+            ),
+            Outcome::RateLimited {
+                retry_after_ms: None
+            }
+        );
+        // A reset time in a Z.AI code not in the table still means a cap.
+        assert_eq!(
+            zai(
+                "1319",
+                "Usage limit reached. Your limit will reset at 2026-12-07 00:00:00"
+            ),
+            Outcome::QuotaExhausted {
+                reset: Some(QuotaReset::At {
+                    unix_ms: 1_796_572_800_000
+                }),
+                scope: QuotaScope::Key
+            }
+        );
     }
 
     #[test]
@@ -866,16 +1267,4 @@ mod tests {
         assert_eq!(l.requests_reset_ms, Some(179_560));
         assert_eq!(l.tokens_reset_ms, None);
     }
-}
-
-/// OpenAI-compatible `finish_reason` → the normalized finish reason.
-fn normalize_finish(reason: &str) -> Option<llmq_sdk::FinishReason> {
-    use llmq_sdk::FinishReason as F;
-    Some(match reason {
-        "stop" | "eos" => F::Stop,
-        "length" | "model_length" => F::Length,
-        "tool_calls" | "function_call" => F::ToolCalls,
-        "content_filter" | "sensitive" => F::ContentFilter,
-        _ => return None,
-    })
 }

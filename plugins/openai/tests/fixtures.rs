@@ -4,7 +4,9 @@
 //! plugin: where rate-limit hints come from and where the key may go.
 
 use llmq_plugin_openai::OpenAiPlugin;
-use llmq_sdk::conformance::{check_direct, load_fixtures, missing_outcome_kinds, Fixture};
+use llmq_sdk::conformance::{
+    check_direct, fixtures_without_doc, load_fixtures, missing_outcome_kinds, Fixture,
+};
 use llmq_sdk::{Plugin, PrepareInput};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,31 @@ fn every_fixture_passes_through_the_rlib() {
     assert!(report.ok(), "{report}");
     // The manifest check plus one per fixture file.
     assert_eq!(report.passed, 1 + fixtures().len(), "{report}");
+}
+
+#[test]
+fn every_fixture_names_the_documentation_page_it_follows() {
+    let missing = fixtures_without_doc(&fixtures());
+    assert!(
+        missing.is_empty(),
+        "fixtures without a \"doc\" URL: {missing:?}"
+    );
+}
+
+#[test]
+fn fixtures_cover_every_normalized_finish_reason() {
+    let all = fixtures();
+    let covered: Vec<&str> = all
+        .iter()
+        .filter(|(_, fx)| fx.call == "parse")
+        .filter_map(|(_, fx)| fx.expect.as_ref()?["outcome"]["finish_reason"].as_str())
+        .collect();
+    for reason in ["stop", "length", "tool_calls", "content_filter", "refusal"] {
+        assert!(
+            covered.contains(&reason),
+            "no parse fixture expects finish_reason {reason:?}"
+        );
+    }
 }
 
 #[test]
