@@ -17,6 +17,16 @@ pub const PROTOCOL: &str = "anthropic-messages";
 /// The default base URL (without a trailing slash).
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com/v1";
 
+/// Outcome kinds that no Anthropic answer can produce, each with the reason.
+/// The fixture test insists that the fixtures cover every other kind.
+pub const IMPOSSIBLE_OUTCOMES: [(&str, &str); 1] = [(
+    "request_too_large",
+    "Anthropic has no per-key size limit answer: its 413 `request_too_large` is the \
+     32 MB request body limit that Cloudflare applies to every key alike (another key \
+     cannot help, so it is invalid_request), and over a rate limit it answers 429 \
+     rate_limit_error (https://platform.claude.com/docs/en/api/errors)",
+)];
+
 /// The Anthropic plugin.
 pub struct Anthropic;
 
@@ -66,9 +76,47 @@ mod fixture_tests {
     }
 
     #[test]
-    fn fixtures_cover_every_outcome_kind() {
+    fn fixtures_cover_every_outcome_kind_but_the_documented_impossible_ones() {
         let missing = missing_outcome_kinds(&load_fixtures(&fixtures_dir()).unwrap());
-        assert!(missing.is_empty(), "no fixture for {missing:?}");
+        let impossible: Vec<&str> = super::IMPOSSIBLE_OUTCOMES.iter().map(|(k, _)| *k).collect();
+        // Equal, not a subset: a kind listed as impossible that gains a
+        // fixture must leave the list, and any other kind needs a fixture.
+        assert_eq!(
+            missing, impossible,
+            "fixtures must cover every outcome kind except {impossible:?}"
+        );
+    }
+
+    #[test]
+    fn fixtures_cover_every_finish_reason() {
+        let covered: std::collections::BTreeSet<String> = load_fixtures(&fixtures_dir())
+            .unwrap()
+            .into_iter()
+            .filter_map(|(_, fx)| {
+                Some(fx.expect?["outcome"]["finish_reason"].as_str()?.to_string())
+            })
+            .collect();
+        for want in ["stop", "length", "tool_calls", "refusal"] {
+            assert!(
+                covered.contains(want),
+                "no fixture expects finish_reason {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_fixture_names_its_doc_page() {
+        for (file, fx) in load_fixtures(&fixtures_dir()).unwrap() {
+            let text = std::fs::read_to_string(&file).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let doc = v["doc"].as_str().unwrap_or("");
+            assert!(
+                doc.starts_with("https://"),
+                "{} ({}) names no doc URL",
+                fx.name,
+                file.display()
+            );
+        }
     }
 
     #[test]

@@ -8,7 +8,9 @@
 use llmq_sdk::wire::{
     mask_keys, parse_rfc3339_ms, parse_u64, retry_after_headers_ms, truncate_message,
 };
-use llmq_sdk::{HttpResponse, ObservedLimits, Outcome, Parsed, Usage};
+use llmq_sdk::{
+    FinishReason, HttpResponse, ObservedLimits, Outcome, Parsed, QuotaReset, QuotaScope, Usage,
+};
 use serde_json::Value;
 
 /// Upstream messages longer than this are cut (results and logs stay small).
@@ -50,18 +52,74 @@ fn success(v: &Value) -> Parsed {
             .and_then(Value::as_u64)
             .unwrap_or(0)
     };
-    Parsed::new(Outcome::Success {
+    let stop_reason = v.get("stop_reason").and_then(Value::as_str);
+    let finish_reason = stop_reason.and_then(finish_reason);
+    let refusal = (finish_reason == Some(FinishReason::Refusal)).then(|| refusal_text(v, &text));
+    let parsed = Parsed::new(Outcome::Success {
         text,
         usage: Usage {
             input_tokens: tokens("input_tokens"),
             output_tokens: tokens("output_tokens"),
         },
-        finish_reason: v
-            .get("stop_reason")
-            .and_then(Value::as_str)
-            .and_then(finish_reason),
-        refusal: None,
+        finish_reason,
+        refusal,
+    });
+    match stop_reason {
+        Some("pause_turn") => parsed.with_message(PAUSE_TURN_MESSAGE),
+        Some(other) if finish_reason.is_none() => {
+            parsed.with_message(format!("unknown stop_reason {:?}", clean_message(other)))
+        }
+        _ => parsed,
+    }
+}
+
+/// Said with a `pause_turn` answer, which is reported as `length`.
+const PAUSE_TURN_MESSAGE: &str =
+    "stop_reason pause_turn: a server-tool loop paused the turn before its end; \
+     send the assistant content back to continue it";
+
+/// Said as the refusal when the answer carries no explanation and no text.
+pub const REFUSAL_FALLBACK: &str = "The model declined to answer (stop_reason: refusal).";
+
+/// Anthropic `stop_reason` → the normalized finish reason, per
+/// <https://platform.claude.com/docs/en/build-with-claude/handling-stop-reasons>.
+/// `None` for a value the docs do not list (never reported as `stop`).
+pub fn finish_reason(stop_reason: &str) -> Option<FinishReason> {
+    Some(match stop_reason {
+        // "the model reached a natural stopping point" / "one of your
+        // provided custom stop_sequences was generated".
+        "end_turn" | "stop_sequence" => FinishReason::Stop,
+        // "we exceeded the requested max_tokens or the model's maximum" /
+        // "The response filled the model's context window. Treat the
+        // response as truncated."
+        "max_tokens" | "model_context_window_exceeded" => FinishReason::Length,
+        // "A server-tool loop reached its iteration limit. Send the assistant
+        // content back to continue." The answer is incomplete, cut by a
+        // limit, and continuing it is the producer's call (llmq does not
+        // replay a turn): reported as `length`, never as `stop`.
+        "pause_turn" => FinishReason::Length,
+        "tool_use" => FinishReason::ToolCalls,
+        // "when streaming classifiers intervene to handle potential policy
+        // violations".
+        "refusal" => FinishReason::Refusal,
+        _ => return None,
     })
+}
+
+/// The refusal text of a `stop_reason: "refusal"` answer: the documented
+/// `stop_details.explanation`, else the text the model wrote before it
+/// stopped, else [`REFUSAL_FALLBACK`].
+fn refusal_text(v: &Value, text: &str) -> String {
+    let explanation = v
+        .pointer("/stop_details/explanation")
+        .and_then(Value::as_str)
+        .map(clean_message)
+        .filter(|e| !e.is_empty());
+    match explanation {
+        Some(e) => e,
+        None if !text.trim().is_empty() => text.to_string(),
+        None => REFUSAL_FALLBACK.to_string(),
+    }
 }
 
 /// An error response (or a 2xx whose body is an error object).
@@ -88,7 +146,10 @@ fn error(resp: &HttpResponse, body: Option<&Value>) -> Parsed {
         || kind == "billing_error"
         || resp.status == 402
     {
-        Outcome::quota_exhausted()
+        Outcome::QuotaExhausted {
+            reset: regain_access_at(&message).map(|unix_ms| QuotaReset::At { unix_ms }),
+            scope: QuotaScope::Key,
+        }
     } else if is_context_message(&lower) {
         Outcome::ContextTooLong
     } else {
@@ -119,6 +180,27 @@ fn is_quota_message(lower: &str) -> bool {
         || lower.contains("reached your specified api usage limits")
         || lower.contains("reached your specified workspace api usage limits")
         || lower.contains("you have reached your api usage limits")
+}
+
+/// When a spend limit lifts, as its message states it: "You will regain
+/// access on 2026-09-01 at 00:00 UTC." (the tier's monthly cap, and the spend
+/// limits set in the Console, per
+/// <https://platform.claude.com/docs/en/api/rate-limits>), in Unix ms.
+pub fn regain_access_at(message: &str) -> Option<u64> {
+    const PHRASE: &str = "regain access on ";
+    let lower = message.to_ascii_lowercase();
+    let rest = &message[lower.find(PHRASE)? + PHRASE.len()..];
+    let mut words = rest.split_whitespace();
+    let date = words.next()?;
+    if words.next()? != "at" {
+        return None;
+    }
+    let time = words.next()?;
+    let zone = words.next()?.trim_end_matches(['.', ',', ';']);
+    if !zone.eq_ignore_ascii_case("UTC") || time.len() != 5 {
+        return None;
+    }
+    parse_rfc3339_ms(&format!("{date}T{time}:00Z"))
 }
 
 /// The prompt (plus `max_tokens`) does not fit the model's context window.
@@ -332,20 +414,65 @@ mod tests {
     }
 
     #[test]
+    fn the_regain_access_date_is_read_from_the_message() {
+        assert_eq!(
+            regain_access_at("You have reached your specified API usage limits. You will regain access on 2024-06-01 at 00:00 UTC."),
+            Some(1_717_200_000_000)
+        );
+        assert_eq!(
+            regain_access_at("… You Will Regain Access On 2026-09-01 at 00:00 UTC"),
+            Some(1_788_220_800_000)
+        );
+        // No date, another zone or a broken date: no reset time.
+        assert_eq!(regain_access_at("Your credit balance is too low"), None);
+        assert_eq!(
+            regain_access_at("regain access on 2024-06-01 at 00:00 PST."),
+            None
+        );
+        assert_eq!(
+            regain_access_at("regain access on 2024-13-01 at 00:00 UTC."),
+            None
+        );
+        assert_eq!(regain_access_at("regain access on soon"), None);
+    }
+
+    #[test]
+    fn every_documented_stop_reason_has_a_finish_reason_and_none_else() {
+        use FinishReason as F;
+        for (reason, want) in [
+            ("end_turn", F::Stop),
+            ("stop_sequence", F::Stop),
+            ("max_tokens", F::Length),
+            ("model_context_window_exceeded", F::Length),
+            ("pause_turn", F::Length),
+            ("tool_use", F::ToolCalls),
+            ("refusal", F::Refusal),
+        ] {
+            assert_eq!(finish_reason(reason), Some(want), "{reason}");
+        }
+        assert_eq!(finish_reason("something_new"), None);
+    }
+
+    #[test]
+    fn an_unknown_stop_reason_is_no_finish_reason_and_is_named() {
+        let p = parse(&resp(
+            200,
+            &[],
+            r#"{"type":"message","content":[{"type":"text","text":"hi"}],"stop_reason":"something_new","usage":{"input_tokens":1,"output_tokens":1}}"#,
+        ));
+        match p.outcome {
+            Outcome::Success { finish_reason, .. } => assert_eq!(finish_reason, None),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            p.message.as_deref(),
+            Some("unknown stop_reason \"something_new\"")
+        );
+    }
+
+    #[test]
     fn json_without_content_is_transient() {
         let p = parse(&resp(200, &[], r#"{"id":"msg_1"}"#));
         assert_eq!(p.outcome, Outcome::Transient);
     }
-}
-
-/// Anthropic `stop_reason` → the normalized finish reason.
-fn finish_reason(reason: &str) -> Option<llmq_sdk::FinishReason> {
-    use llmq_sdk::FinishReason as F;
-    Some(match reason {
-        "end_turn" | "stop_sequence" | "pause_turn" => F::Stop,
-        "max_tokens" | "model_context_window_exceeded" => F::Length,
-        "tool_use" => F::ToolCalls,
-        "refusal" => F::Refusal,
-        _ => return None,
-    })
 }

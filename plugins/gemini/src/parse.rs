@@ -9,7 +9,7 @@
 use llmq_sdk::wire::{
     duration_after, mask_keys, parse_duration_ms, parse_retry_after_ms, truncate_message,
 };
-use llmq_sdk::{HttpResponse, Outcome, Parsed, Usage};
+use llmq_sdk::{FinishReason, HttpResponse, Outcome, Parsed, QuotaReset, QuotaScope, Usage};
 use serde_json::Value;
 
 /// Upstream messages longer than this are cut (results and logs stay small).
@@ -21,17 +21,6 @@ pub const KEY_PREFIX: &str = "AIza";
 const RETRY_INFO: &str = "type.googleapis.com/google.rpc.RetryInfo";
 const QUOTA_FAILURE: &str = "type.googleapis.com/google.rpc.QuotaFailure";
 const ERROR_INFO: &str = "type.googleapis.com/google.rpc.ErrorInfo";
-
-/// Candidate finish reasons that mean the output was withheld by a filter.
-const BLOCKING_FINISH_REASONS: [&str; 7] = [
-    "SAFETY",
-    "RECITATION",
-    "BLOCKLIST",
-    "PROHIBITED_CONTENT",
-    "SPII",
-    "IMAGE_SAFETY",
-    "LANGUAGE",
-];
 
 /// Classifies one response. Never fails: garbage is [`Outcome::Transient`].
 pub fn parse(resp: &HttpResponse) -> Parsed {
@@ -61,12 +50,31 @@ fn error_object(body: &Value) -> Option<&Value> {
 
 /// A 2xx generateContent body.
 fn success(v: &Value) -> Parsed {
+    let usage = v.get("usageMetadata");
+    let tokens = |k: &str| {
+        usage
+            .and_then(|u| u.get(k))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    let usage = Usage {
+        input_tokens: tokens("promptTokenCount"),
+        // Thinking tokens are billed as output.
+        output_tokens: tokens("candidatesTokenCount") + tokens("thoughtsTokenCount"),
+    };
+    // A blocked prompt has no candidates: the provider answered, its filter
+    // withheld the output (SPEC §9: succeeded, finish_reason content_filter).
     if let Some(reason) = v
         .pointer("/promptFeedback/blockReason")
         .and_then(Value::as_str)
     {
-        return Parsed::new(Outcome::InvalidRequest)
-            .with_message(format!("prompt blocked: {reason}"));
+        return Parsed::new(Outcome::Success {
+            text: String::new(),
+            usage,
+            finish_reason: Some(FinishReason::ContentFilter),
+            refusal: None,
+        })
+        .with_message(format!("prompt blocked: {}", clean_message(reason)));
     }
     let Some(candidate) = v
         .get("candidates")
@@ -83,34 +91,106 @@ fn success(v: &Value) -> Parsed {
         .filter(|p| p.get("thought").and_then(Value::as_bool) != Some(true))
         .filter_map(|p| p.get("text").and_then(Value::as_str))
         .collect();
-    let finish_reason = candidate
+    let reason = candidate
         .get("finishReason")
         .and_then(Value::as_str)
-        .map(String::from);
-    if let Some(reason) = finish_reason
-        .as_deref()
-        .filter(|r| text.is_empty() && BLOCKING_FINISH_REASONS.contains(r))
-    {
-        return Parsed::new(Outcome::InvalidRequest)
-            .with_message(format!("response blocked: {reason}"));
-    }
-    let usage = v.get("usageMetadata");
-    let tokens = |k: &str| {
-        usage
-            .and_then(|u| u.get(k))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
+        .map(clean_message);
+    let finish_reason = match reason.as_deref().map(finish) {
+        None => None,
+        Some(Finish::Is(f)) => Some(f),
+        Some(Finish::Retry) => {
+            return Parsed::new(Outcome::Transient).with_message(format!(
+                "finishReason {}: the model stopped without a usable answer",
+                reason.unwrap_or_default()
+            ))
+        }
+        Some(Finish::BadRequest) => {
+            return Parsed::new(Outcome::InvalidRequest)
+                .with_message(format!("finishReason {}", reason.unwrap_or_default()))
+        }
+        Some(Finish::Unknown) => {
+            return Parsed::new(Outcome::Success {
+                text,
+                usage,
+                finish_reason: None,
+                refusal: None,
+            })
+            .with_message(format!(
+                "unknown finishReason {:?}",
+                reason.unwrap_or_default()
+            ))
+        }
     };
-    Parsed::new(Outcome::Success {
+    let parsed = Parsed::new(Outcome::Success {
         text,
-        usage: Usage {
-            input_tokens: tokens("promptTokenCount"),
-            // Thinking tokens are billed as output.
-            output_tokens: tokens("candidatesTokenCount") + tokens("thoughtsTokenCount"),
-        },
-        finish_reason: finish_reason.as_deref().and_then(normalize_finish),
+        usage,
+        finish_reason,
         refusal: None,
-    })
+    });
+    match (finish_reason, reason) {
+        (Some(FinishReason::ContentFilter), Some(r)) => {
+            parsed.with_message(format!("response blocked: {r}"))
+        }
+        _ => parsed,
+    }
+}
+
+/// What a candidate's `finishReason` means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// A success that ended this way.
+    Is(FinishReason),
+    /// No usable answer this time; another try (or route) may give one.
+    Retry,
+    /// The request itself is at fault; another key won't help.
+    BadRequest,
+    /// A value the docs do not list: a success with no finish reason.
+    Unknown,
+}
+
+/// Gemini `finishReason` → what it means, per the FinishReason enum of
+/// <https://ai.google.dev/api/generate-content#FinishReason> (and the same
+/// enum in the official google-genai SDKs).
+pub fn finish(reason: &str) -> Finish {
+    use FinishReason as F;
+    match reason {
+        // "Natural stop point of the model or provided stop sequence."
+        "STOP" => Finish::Is(F::Stop),
+        // "The maximum number of tokens as specified in the request was reached."
+        "MAX_TOKENS" => Finish::Is(F::Length),
+        // "Model called too many tools consecutively, thus the system exited
+        // execution": the answer is cut by a system limit, as with Anthropic's
+        // pause_turn; a retry would run into the same limit.
+        "TOO_MANY_TOOL_CALLS" => Finish::Is(F::Length),
+        // The output was flagged and withheld: safety, recitation, the
+        // terminology blocklist, prohibited content, sensitive PII, image
+        // safety/prohibited content/recitation, and an unsupported language
+        // ("The response candidate content was flagged for using an
+        // unsupported language").
+        "SAFETY"
+        | "RECITATION"
+        | "LANGUAGE"
+        | "BLOCKLIST"
+        | "PROHIBITED_CONTENT"
+        | "SPII"
+        | "IMAGE_SAFETY"
+        | "IMAGE_PROHIBITED_CONTENT"
+        | "IMAGE_RECITATION" => Finish::Is(F::ContentFilter),
+        // "The function call generated by the model is invalid" / "The tool
+        // call generated by the model is invalid" / "All other reasons that
+        // stopped the token generation" / no image although one was expected:
+        // the model gave no usable answer; sampling again may.
+        "MALFORMED_FUNCTION_CALL"
+        | "UNEXPECTED_TOOL_CALL"
+        | "OTHER"
+        | "FINISH_REASON_UNSPECIFIED"
+        | "IMAGE_OTHER"
+        | "NO_IMAGE" => Finish::Retry,
+        // "Request has at least one thought signature missing": the request
+        // is malformed for every key.
+        "MISSING_THOUGHT_SIGNATURE" => Finish::BadRequest,
+        _ => Finish::Unknown,
+    }
 }
 
 /// What an error body says, gathered once.
@@ -214,22 +294,37 @@ fn error(resp: &HttpResponse, err: Option<&Value>) -> Parsed {
 /// waiting a minute won't help; otherwise it is a rate limit, with the best
 /// hint available.
 fn resource_exhausted(resp: &HttpResponse, e: &ErrorView<'_>) -> Outcome {
-    let daily = e.violations().any(|v| {
-        let field = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_ascii_lowercase()
+    let field = |v: &Value, k: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    };
+    // A per-day quota: Gemini's daily quotas are per project and per model
+    // and reset at midnight Pacific (the provider's `daily_reset`).
+    if let Some(v) = e.violations().find(|v| {
+        field(v, "quotaId").contains("perday") || field(v, "quotaMetric").contains("per_day")
+    }) {
+        return Outcome::QuotaExhausted {
+            reset: Some(QuotaReset::NextDaily),
+            scope: model_dimension(v).map_or(QuotaScope::Key, QuotaScope::Model),
         };
-        field("quotaId").contains("perday") || field("quotaMetric").contains("per_day")
-    });
-    let zero_quota = e.lower.contains("limit: 0,")
-        || e.lower.ends_with("limit: 0")
-        || e.violations()
-            .any(|v| v.get("quotaValue").and_then(Value::as_str) == Some("0"));
-    let prepaid_empty =
-        e.lower.contains("credits are depleted") || e.lower.contains("prepayment credits");
-    if daily || zero_quota || prepaid_empty {
+    }
+    // No quota at all for this model on this project (`limit: 0`): another
+    // model may have one.
+    let zero_violation = e
+        .violations()
+        .find(|v| v.get("quotaValue").and_then(Value::as_str) == Some("0"));
+    if zero_violation.is_some() || e.lower.contains("limit: 0,") || e.lower.ends_with("limit: 0") {
+        let model = zero_violation
+            .and_then(model_dimension)
+            .or_else(|| model_in_message(&e.message));
+        return Outcome::QuotaExhausted {
+            reset: None,
+            scope: model.map_or(QuotaScope::Key, QuotaScope::Model),
+        };
+    }
+    if e.lower.contains("credits are depleted") || e.lower.contains("prepayment credits") {
         return Outcome::quota_exhausted();
     }
     let hint = e
@@ -243,6 +338,33 @@ fn resource_exhausted(resp: &HttpResponse, e: &ErrorView<'_>) -> Outcome {
     Outcome::RateLimited {
         retry_after_ms: hint,
     }
+}
+
+/// The model a `QuotaFailure` violation names in `quotaDimensions.model`,
+/// without any `models/` prefix.
+fn model_dimension(violation: &Value) -> Option<String> {
+    violation
+        .pointer("/quotaDimensions/model")
+        .and_then(Value::as_str)
+        .and_then(clean_model)
+}
+
+/// The model named in a quota message: "…, limit: 0, model: gemini-2.5-pro".
+fn model_in_message(message: &str) -> Option<String> {
+    let at = message.find("model: ")? + "model: ".len();
+    clean_model(message[at..].split_whitespace().next()?)
+}
+
+/// A model id as a quota names it, without the `models/` prefix; `None` when
+/// it is empty or holds anything but letters, digits, `-`, `_` and `.`.
+fn clean_model(raw: &str) -> Option<String> {
+    let id = raw.trim().trim_end_matches([',', '.', ';']);
+    let id = id.strip_prefix("models/").unwrap_or(id);
+    (!id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    .then(|| id.to_string())
 }
 
 fn mentions_billing(lower: &str) -> bool {
@@ -353,20 +475,97 @@ mod tests {
     }
 
     #[test]
+    fn every_documented_finish_reason_has_a_meaning() {
+        use FinishReason as F;
+        for (reason, want) in [
+            ("STOP", Finish::Is(F::Stop)),
+            ("MAX_TOKENS", Finish::Is(F::Length)),
+            ("TOO_MANY_TOOL_CALLS", Finish::Is(F::Length)),
+            ("SAFETY", Finish::Is(F::ContentFilter)),
+            ("RECITATION", Finish::Is(F::ContentFilter)),
+            ("LANGUAGE", Finish::Is(F::ContentFilter)),
+            ("BLOCKLIST", Finish::Is(F::ContentFilter)),
+            ("PROHIBITED_CONTENT", Finish::Is(F::ContentFilter)),
+            ("SPII", Finish::Is(F::ContentFilter)),
+            ("IMAGE_SAFETY", Finish::Is(F::ContentFilter)),
+            ("IMAGE_PROHIBITED_CONTENT", Finish::Is(F::ContentFilter)),
+            ("IMAGE_RECITATION", Finish::Is(F::ContentFilter)),
+            ("MALFORMED_FUNCTION_CALL", Finish::Retry),
+            ("UNEXPECTED_TOOL_CALL", Finish::Retry),
+            ("OTHER", Finish::Retry),
+            ("FINISH_REASON_UNSPECIFIED", Finish::Retry),
+            ("IMAGE_OTHER", Finish::Retry),
+            ("NO_IMAGE", Finish::Retry),
+            ("MISSING_THOUGHT_SIGNATURE", Finish::BadRequest),
+            ("SOMETHING_NEW", Finish::Unknown),
+        ] {
+            assert_eq!(finish(reason), want, "{reason}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_finish_reason_is_a_success_without_one_and_is_named() {
+        let p = parse(&resp(
+            200,
+            r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"ok"}]},"finishReason":"SOMETHING_NEW"}]}"#,
+        ));
+        match p.outcome {
+            Outcome::Success {
+                text,
+                finish_reason,
+                ..
+            } => {
+                assert_eq!(text, "ok");
+                assert_eq!(finish_reason, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            p.message.as_deref(),
+            Some("unknown finishReason \"SOMETHING_NEW\"")
+        );
+    }
+
+    #[test]
+    fn quota_model_names_are_bare_and_safe() {
+        assert_eq!(
+            clean_model("models/gemini-2.5-pro"),
+            Some("gemini-2.5-pro".into())
+        );
+        assert_eq!(
+            clean_model("gemini-2.0-flash,"),
+            Some("gemini-2.0-flash".into())
+        );
+        assert_eq!(clean_model("models/"), None);
+        assert_eq!(clean_model("a/b"), None);
+        assert_eq!(
+            model_in_message("limit: 0, model: gemini-2.5-pro\nPlease retry in 20s."),
+            Some("gemini-2.5-pro".into())
+        );
+        assert_eq!(model_in_message("limit: 0"), None);
+    }
+
+    #[test]
+    fn a_per_day_violation_wins_over_a_per_minute_one_in_the_same_answer() {
+        let p = parse(&resp(
+            429,
+            r#"{"error":{"code":429,"message":"Quota exceeded.","status":"RESOURCE_EXHAUSTED","details":[
+                {"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[
+                  {"quotaId":"GenerateRequestsPerMinutePerProjectPerModel-FreeTier","quotaDimensions":{"model":"gemini-2.0-flash"},"quotaValue":"15"},
+                  {"quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier","quotaDimensions":{"model":"gemini-2.0-flash"},"quotaValue":"200"}]},
+                {"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"12s"}]}}"#,
+        ));
+        assert_eq!(
+            p.outcome,
+            Outcome::QuotaExhausted {
+                reset: Some(QuotaReset::NextDaily),
+                scope: QuotaScope::Model("gemini-2.0-flash".into()),
+            }
+        );
+    }
+
+    #[test]
     fn a_json_array_that_is_not_an_error_is_transient() {
         assert_eq!(parse(&resp(200, "[1,2]")).outcome, Outcome::Transient);
     }
-}
-
-/// Gemini `finishReason` → the normalized finish reason.
-fn normalize_finish(reason: &str) -> Option<llmq_sdk::FinishReason> {
-    use llmq_sdk::FinishReason as F;
-    Some(match reason {
-        "STOP" => F::Stop,
-        "MAX_TOKENS" => F::Length,
-        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY" => {
-            F::ContentFilter
-        }
-        _ => return None,
-    })
 }
