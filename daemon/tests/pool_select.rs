@@ -1010,7 +1010,7 @@ fn keys_that_refused_a_request_as_too_large_are_skipped_for_it_and_never_when_al
             pinned: Some(&k0),
             ..req("m")
         },
-        &[k0.clone()],
+        std::slice::from_ref(&k0),
     ));
     assert!(why.contains("too large"), "{why}");
 }

@@ -6,6 +6,9 @@
 //!   call now; among them by strategy (least recently used, random, fewest in
 //!   flight, random by weight). A key that cannot serve *any* call for a while
 //!   is parked until then, so a selection costs O(log n), not a scan.
+//!   A model parked on a key (a model-scoped quota) is checked when the
+//!   key is visited for that model: each such key costs one step of a
+//!   selection for that model until its reset, none for other models.
 //! - **Fate** ([`KeyPool::report`]): 429s cool a key down for the upstream's
 //!   hint (else the provider's `cooldown`, else `keys.default_cooldown`);
 //!   invalid or out-of-credit keys are disabled and re-probed on a schedule,
