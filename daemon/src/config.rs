@@ -200,8 +200,12 @@ pub struct ProviderConfig {
     pub limit_shape: LimitShape,
     /// Explicit routing priority for `order = "priority"` (lower first).
     pub priority: Option<i64>,
-    /// Daily spend cap in USD, from real usage; skipped until the next UTC day when reached.
+    /// Daily spend cap in USD, from real usage; skipped until the next daily reset when reached.
     pub budget_usd_per_day: Option<f64>,
+    /// When the provider's day starts: `"HH:MM Zone"` with an IANA zone
+    /// (`"00:00 America/Los_Angeles"`); default `"00:00 UTC"`. RPD/TPD,
+    /// daily counters and `budget_usd_per_day` roll over then.
+    pub daily_reset: crate::calendar::DailyReset,
     /// Disabled providers are ignored entirely.
     pub enabled: bool,
     /// Free-form options passed to the plugin (`anthropic_version`, `headers`, …).
@@ -228,6 +232,7 @@ impl Default for ProviderConfig {
             limit_shape: LimitShape::Rolling,
             priority: None,
             budget_usd_per_day: None,
+            daily_reset: crate::calendar::DailyReset::default(),
             enabled: true,
             options: BTreeMap::new(),
             models: vec![],

@@ -66,6 +66,7 @@ pub fn key_view(s: &KeySnapshot, now_ms: u64) -> KeyView {
         tokens_out: s.stats.tokens_out,
         cost_usd: s.stats.cost_usd,
         last_used_ms: s.stats.last_used_ms,
+        parked_models: s.parked_models.clone(),
     }
 }
 

@@ -54,8 +54,20 @@
 //! - `rate_limited` (429): the pool cools the key down for the upstream's
 //!   hint (else the configured cooldown) and the job moves to the next key at
 //!   once (attempts show `rate_limited`, then the other key's outcome).
-//! - `quota_exhausted` / `auth_failed`: the key is disabled (and re-probed on
-//!   schedule); the job moves on at once.
+//! - `auth_failed`: the key is disabled (and re-probed on schedule); the job
+//!   moves on at once.
+//! - `quota_exhausted` for the key: likewise, but re-probed at the quota's
+//!   `reset` when the provider said (`next_daily`: the provider's next daily
+//!   reset), not after `keys.reprobe_interval`.
+//! - `quota_exhausted` for one model: only that model is parked on that key
+//!   until the reset; the key serves its other models, and routes for the
+//!   model use the other keys (or wait like for a cooling key, and say
+//!   "quota for model m on key X exhausted until …" at the deadline). The
+//!   cluster gate sees the key as untouched.
+//! - `request_too_large` (Groq's 413 on TPM): the key is untouched and out
+//!   for this job on this route; the job moves on at once to the route's
+//!   other keys and the other routes. When every key of every route refused
+//!   it, the job fails at once as `invalid_request` with the upstream's message.
 //! - `transient` (5xx, network): the key is backed off for this job (1 s,
 //!   doubling) while other keys and routes are tried; after
 //!   [`MAX_TRANSIENT_TRIES`] the job fails as `exhausted`.
@@ -75,16 +87,17 @@ use crate::budget::{BudgetCheck, Budgets};
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::job::{
-    Attempt, FailureKind, Job, JobResult, ModelResponse, ResultError, Status, Tier, UsageOut,
+    Attempt, FailureKind, FinishReason, Job, JobResult, ModelResponse, ResultError, ResultMessage,
+    Status, Tier, UsageOut,
 };
 use crate::keys::KeyId;
 use crate::plugin_host::PluginHost;
-use crate::pool::{Acquire, AcquireRequest, Fate, KeyPool};
+use crate::pool::{model_key, Acquire, AcquireRequest, Fate, KeyPool};
 use crate::queue::{Disposition, JobContext, JobHandler};
 use crate::router::{Route, RouteTable};
 use crate::upstream::Upstream;
 use futures::future::BoxFuture;
-use llmq_sdk::{ChatRequest, Outcome, PrepareInput, ProviderInfo};
+use llmq_sdk::{ChatRequest, Outcome, PrepareInput, ProviderInfo, QuotaScope};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -120,6 +133,9 @@ pub struct Branch {
     pub model_asked: String,
     pub status: Status,
     pub output: Option<String>,
+    /// How the call ended (see [`finish_of`]).
+    pub finish_reason: Option<FinishReason>,
+    pub message: Option<ResultMessage>,
     pub route: Option<Arc<Route>>,
     pub key: Option<KeyId>,
     pub usage: Option<UsageOut>,
@@ -127,6 +143,16 @@ pub struct Branch {
     pub attempts: Vec<Attempt>,
     pub error: Option<ResultError>,
     pub duration_ms: u64,
+}
+
+impl Branch {
+    /// Records the model's answer: its text (`output`, `message.content`),
+    /// its refusal and how it ended.
+    fn answer(&mut self, text: String, finish: Option<FinishReason>, refusal: Option<String>) {
+        self.finish_reason = finish_of(finish, refusal.as_deref());
+        self.message = Some(ResultMessage::assistant(&text, refusal));
+        self.output = Some(text);
+    }
 }
 
 impl Executor {
@@ -204,6 +230,8 @@ impl Executor {
             model_asked: model.unwrap_or_default().to_string(),
             status: Status::Failed,
             output: None,
+            finish_reason: None,
+            message: None,
             route: None,
             key: None,
             usage: None,
@@ -241,6 +269,10 @@ impl Executor {
         // wait histogram gets one observation per call).
         let mut waiting_since = started;
         let mut backoff_until: HashMap<KeyId, Duration> = HashMap::new();
+        // Keys that refused this job's request as too large, per route: out
+        // for this job (the pool skips them), and the upstream's last word.
+        let mut too_large: HashMap<String, Vec<KeyId>> = HashMap::new();
+        let mut too_large_message = String::new();
         // Routes not to ask again before a time (all their ready keys back off).
         let mut held: HashMap<String, Duration> = HashMap::new();
         let mut last_upstream_error: Option<String> = None;
@@ -260,10 +292,15 @@ impl Executor {
         loop {
             let now = self.clock.now();
             if now >= deadline {
-                let why = last_upstream_error
-                    .clone()
-                    .map(|e| format!("; last upstream error: {e}"))
-                    .unwrap_or_default();
+                // Keys that could serve but for a model's exhausted quota.
+                let mut why: String = routes
+                    .iter()
+                    .flat_map(|r| rt.pool.model_parks(&r.provider, &r.model))
+                    .map(|p| format!("; {p}"))
+                    .collect();
+                if let Some(e) = &last_upstream_error {
+                    why.push_str(&format!("; last upstream error: {e}"));
+                }
                 return fail(
                     branch,
                     FailureKind::Deadline,
@@ -327,7 +364,12 @@ impl Executor {
                     instance: job.route.instance,
                 };
                 let backing_off = |id: &KeyId| backoff_until.get(id).copied().filter(|u| *u > now);
-                match rt.pool.try_acquire(&req) {
+                let refused: &[KeyId] = if too_large.is_empty() {
+                    &[]
+                } else {
+                    too_large.get(&route.name()).map_or(&[], Vec::as_slice)
+                };
+                match rt.pool.try_acquire_except(&req, refused) {
                     Acquire::Granted(permit) => {
                         bar.get_or_insert(route.tier);
                         let Some(until) = backing_off(permit.key_id()) else {
@@ -336,7 +378,7 @@ impl Executor {
                         };
                         // This key failed transiently for this job: ask for
                         // another one while it is held, then give it back.
-                        let other = rt.pool.try_acquire(&req);
+                        let other = rt.pool.try_acquire_except(&req, refused);
                         rt.pool.report(permit, Fate::NotSent);
                         let mut hold = until;
                         match other {
@@ -363,6 +405,21 @@ impl Executor {
                     .release(&route.provider, est_cost, self.clock.unix_ms());
             }
             let Some((route, permit, est_cost)) = granted else {
+                if bar.is_none()
+                    && !too_large.is_empty()
+                    && routes.iter().all(|r| too_large.contains_key(&r.name()))
+                {
+                    // Every key of every route said the request is larger
+                    // than it may ever take: no wait or retry can help.
+                    return fail(
+                        branch,
+                        FailureKind::InvalidRequest,
+                        format!(
+                            "request_too_large: every key of every route refused the request as too large; last: {too_large_message}"
+                        ),
+                        now,
+                    );
+                }
                 if bar.is_none() {
                     return fail(
                         branch,
@@ -414,6 +471,12 @@ impl Executor {
                 });
             let now = self.clock.now();
             waiting_since = now;
+            // A per-day quota comes back at the provider's next daily reset:
+            // one instant for the pool and the cluster gate alike.
+            let outcome = outcome.map(|mut p| {
+                rt.pool.resolve_reset(&route.provider, &mut p.outcome);
+                p
+            });
             if let (Some(gate), Some(call)) = (&rt.global, global_call) {
                 let fate = match &outcome {
                     Ok(p) => Fate::from_outcome(&p.outcome, 0.0),
@@ -477,8 +540,8 @@ impl Executor {
                 Outcome::Success {
                     text,
                     usage,
-                    finish_reason: _,
-                    refusal: _,
+                    finish_reason,
+                    refusal,
                 } => {
                     let cost = route.cost(usage.input_tokens, usage.output_tokens);
                     rt.budgets
@@ -495,7 +558,7 @@ impl Executor {
                     metrics::counter!(crate::metrics::TOKENS_TOTAL, "provider" => route.provider.to_string(), "direction" => "output").increment(usage.output_tokens);
                     metrics::counter!(crate::metrics::COST_USD_MICROS_TOTAL, "provider" => route.provider.to_string()).increment((cost * 1e6) as u64);
                     branch.status = Status::Succeeded;
-                    branch.output = Some(text);
+                    branch.answer(text, finish_reason, refusal);
                     branch.usage = Some(UsageOut {
                         input_tokens: usage.input_tokens,
                         output_tokens: usage.output_tokens,
@@ -518,7 +581,48 @@ impl Executor {
                     );
                     last_upstream_error = Some(format!("rate limited: {message}"));
                 }
-                Outcome::QuotaExhausted { .. } | Outcome::AuthFailed => {
+                Outcome::QuotaExhausted { reset, scope } => {
+                    rt.budgets
+                        .release(&route.provider, est_cost, self.clock.unix_ms());
+                    let until = reset.as_ref().map(|r| {
+                        crate::pool::rfc3339_ms(rt.pool.quota_reset_ms(&route.provider, r))
+                    });
+                    let reason = format!("quota_exhausted: {message}");
+                    match scope {
+                        QuotaScope::Key => {
+                            tracing::warn!(key = %key_id, until, "key disabled: quota exhausted");
+                            rt.pool
+                                .report(permit, Fate::QuotaExhausted { reason, reset });
+                            last_upstream_error = Some(format!(
+                                "quota_exhausted on key {key_id}{}: {message}",
+                                until.map(|u| format!(" until {u}")).unwrap_or_default()
+                            ));
+                        }
+                        QuotaScope::Model(named) => {
+                            // The model this call asked for is what cannot be
+                            // served; the quota normally names it.
+                            let model = if model_key(&named) == model_key(&route.model) {
+                                model_key(&named).to_string()
+                            } else {
+                                model_key(&route.model).to_string()
+                            };
+                            tracing::warn!(key = %key_id, model, until, "model parked on key: quota exhausted");
+                            last_upstream_error = Some(format!(
+                                "quota for model {model} on key {key_id} exhausted{}: {message}",
+                                until.map(|u| format!(" until {u}")).unwrap_or_default()
+                            ));
+                            rt.pool.report(
+                                permit,
+                                Fate::ModelQuota {
+                                    model,
+                                    reason,
+                                    reset,
+                                },
+                            );
+                        }
+                    }
+                }
+                Outcome::AuthFailed => {
                     rt.budgets
                         .release(&route.provider, est_cost, self.clock.unix_ms());
                     let kind = parsed.outcome.name();
@@ -567,14 +671,17 @@ impl Executor {
                 }
                 Outcome::RequestTooLarge => {
                     // Larger than this key may take in any window (Groq 413
-                    // on TPM): this key is out for this job; other keys and
-                    // routes are not, and the key stays as it was.
+                    // on TPM): this key is out for this job on this route;
+                    // the job moves on at once to the route's other keys and
+                    // the other routes, and the key stays as it was.
                     rt.budgets
                         .release(&route.provider, est_cost, self.clock.unix_ms());
                     rt.pool.report(permit, Fate::Untouched);
+                    let name = route.name();
                     last_upstream_error =
-                        Some(format!("request too large for {key_id}: {message}"));
-                    backoff_until.insert(key_id, deadline);
+                        Some(format!("{name}: request too large for {key_id}: {message}"));
+                    too_large_message = format!("{name} on {key_id}: {message}");
+                    too_large.entry(name).or_default().push(key_id);
                 }
                 Outcome::ContextTooLong => {
                     rt.budgets
@@ -679,6 +786,16 @@ pub fn redact(message: &str, secret: Option<&str>, masked: &str) -> String {
     }
 }
 
+/// The finish reason a result shows: the plugin's, except that an answer
+/// with refusal text is a `refusal`, never a plain `stop` (OpenAI sends
+/// `finish_reason: "stop"` beside `message.refusal`).
+pub fn finish_of(reason: Option<FinishReason>, refusal: Option<&str>) -> Option<FinishReason> {
+    match (reason, refusal) {
+        (None | Some(FinishReason::Stop), Some(_)) => Some(FinishReason::Refusal),
+        (r, _) => r,
+    }
+}
+
 /// Lowers `earliest` to `t`.
 fn note(earliest: &mut Option<Duration>, t: Duration) {
     *earliest = Some(earliest.map_or(t, |e| e.min(t)));
@@ -693,6 +810,8 @@ fn branch_to_result(job: &Job, b: Branch) -> JobResult {
         id: job.id.clone(),
         status: b.status,
         output: b.output,
+        finish_reason: b.finish_reason,
+        message: b.message,
         provider: b.route.as_ref().map(|r| r.provider.to_string()),
         model: b.route.as_ref().map(|r| r.model.to_string()),
         key: b.key.map(|k| k.to_string()),
@@ -734,6 +853,8 @@ fn fan_out_result(job: &Job, branches: Vec<Branch>) -> JobResult {
                 model: b.model_asked,
                 status: b.status,
                 output: b.output,
+                finish_reason: b.finish_reason,
+                message: b.message,
                 provider: b.route.as_ref().map(|r| r.provider.to_string()),
                 key: b.key.map(|k| k.to_string()),
                 tier: b.route.as_ref().map(|r| r.tier),
@@ -754,6 +875,8 @@ fn fan_out_result(job: &Job, branches: Vec<Branch>) -> JobResult {
         id: job.id.clone(),
         status,
         output: None,
+        finish_reason: None,
+        message: None,
         provider: None,
         model: None,
         key: None,
@@ -800,5 +923,114 @@ impl JobHandler for ExecutorHandler {
                 .increment(1);
             Disposition::Done(result)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn job(body: &str) -> Job {
+        crate::job::parse_job(body.as_bytes(), 4096).expect("job parses")
+    }
+
+    fn answered(text: &str, finish: Option<FinishReason>, refusal: Option<&str>) -> Branch {
+        let mut b = Branch {
+            model_asked: "m".into(),
+            status: Status::Succeeded,
+            output: None,
+            finish_reason: None,
+            message: None,
+            route: None,
+            key: None,
+            usage: None,
+            cost_usd: 0.0,
+            attempts: vec![],
+            error: None,
+            duration_ms: 1,
+        };
+        b.answer(text.into(), finish, refusal.map(String::from));
+        b
+    }
+
+    #[test]
+    fn a_refusal_reaches_the_result_as_finish_reason_and_message_refusal() {
+        let j = job(r#"{"id":"r1","messages":[{"role":"user","content":"hi"}]}"#);
+        // OpenAI sends finish_reason "stop" beside message.refusal: never a plain stop.
+        let b = answered(
+            "",
+            Some(FinishReason::Stop),
+            Some("I can't help with that."),
+        );
+        let v = serde_json::to_value(branch_to_result(&j, b)).unwrap();
+        assert_eq!(v["status"], "succeeded");
+        assert_eq!(v["finish_reason"], "refusal");
+        assert_eq!(
+            v["message"],
+            json!({"role": "assistant", "content": null, "refusal": "I can't help with that."})
+        );
+        assert_eq!(v["output"], "");
+        // Anthropic's stop_reason "refusal" with no text, and no reason at all.
+        let b = answered("", None, Some("no"));
+        let v = serde_json::to_value(branch_to_result(&j, b)).unwrap();
+        assert_eq!(v["finish_reason"], "refusal");
+    }
+
+    #[test]
+    fn length_and_content_filter_finishes_are_reported_as_such() {
+        let j = job(r#"{"id":"r2","messages":[{"role":"user","content":"hi"}]}"#);
+        let b = answered("cut sh", Some(FinishReason::Length), None);
+        let v = serde_json::to_value(branch_to_result(&j, b)).unwrap();
+        assert_eq!(v["status"], "succeeded");
+        assert_eq!(v["finish_reason"], "length");
+        assert_eq!(
+            v["message"],
+            json!({"role": "assistant", "content": "cut sh", "refusal": null})
+        );
+        assert_eq!(v["output"], "cut sh");
+        let b = answered("", Some(FinishReason::ContentFilter), None);
+        let v = serde_json::to_value(branch_to_result(&j, b)).unwrap();
+        assert_eq!(v["finish_reason"], "content_filter");
+        assert_eq!(v["message"]["content"], serde_json::Value::Null);
+        // A provider that says nothing: no finish_reason rather than a guessed "stop".
+        let b = answered("hello", None, None);
+        let v = serde_json::to_value(branch_to_result(&j, b)).unwrap();
+        assert!(v.get("finish_reason").is_none(), "{v}");
+        // The result reads back as it was written.
+        let r: JobResult = serde_json::from_value(v).unwrap();
+        assert_eq!(r.message.unwrap().content.as_deref(), Some("hello"));
+    }
+
+    #[test]
+    fn each_fan_out_response_carries_its_own_finish_and_message() {
+        let j =
+            job(r#"{"id":"r3","models":["a","b"],"messages":[{"role":"user","content":"hi"}]}"#);
+        let mut a = answered("long answ", Some(FinishReason::Length), None);
+        a.model_asked = "a".into();
+        let mut b = answered("", Some(FinishReason::Refusal), Some("I won't."));
+        b.model_asked = "b".into();
+        let v = serde_json::to_value(fan_out_result(&j, vec![a, b])).unwrap();
+        assert_eq!(v["responses"][0]["finish_reason"], "length");
+        assert_eq!(v["responses"][0]["message"]["content"], "long answ");
+        assert_eq!(v["responses"][1]["finish_reason"], "refusal");
+        assert_eq!(v["responses"][1]["message"]["refusal"], "I won't.");
+    }
+
+    #[test]
+    fn finish_of_never_turns_a_refusal_into_stop() {
+        assert_eq!(
+            finish_of(Some(FinishReason::Stop), None),
+            Some(FinishReason::Stop)
+        );
+        assert_eq!(finish_of(None, None), None);
+        assert_eq!(
+            finish_of(Some(FinishReason::Stop), Some("x")),
+            Some(FinishReason::Refusal)
+        );
+        assert_eq!(
+            finish_of(Some(FinishReason::ContentFilter), Some("x")),
+            Some(FinishReason::ContentFilter)
+        );
     }
 }

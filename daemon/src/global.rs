@@ -556,10 +556,33 @@ fn fate_args(fate: &Fate, limits: &KeyLimits) -> (&'static str, u64, String) {
             retry_after.unwrap_or(limits.cooldown).as_millis() as u64,
             String::new(),
         ),
-        Fate::Disabled { reason } => ("disabled", 0, reason.clone()),
+        Fate::Disabled { reason } | Fate::QuotaExhausted { reason, .. } => {
+            ("disabled", 0, reason.clone())
+        }
+        // One model's quota on the key: the key itself is fine, cluster-wide
+        // (the model is parked in the local pool only).
+        Fate::ModelQuota { .. } => ("untouched", 0, String::new()),
         Fate::Transient => ("transient", 0, String::new()),
         Fate::Untouched => ("untouched", 0, String::new()),
         Fate::NotSent => ("not_sent", 0, String::new()),
+    }
+}
+
+/// When a disabled key may be re-tested: at the quota's reset when the
+/// provider stated one (the executor resolves `NextDaily` to an instant
+/// first), else after `keys.reprobe_interval`.
+fn reprobe_after(fate: &Fate, limits: &KeyLimits) -> Duration {
+    match fate {
+        Fate::QuotaExhausted {
+            reset: Some(llmq_sdk::QuotaReset::At { unix_ms }),
+            ..
+        } => {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            Duration::from_millis(unix_ms.saturating_sub(now_ms))
+        }
+        _ => limits.reprobe,
     }
 }
 
@@ -758,7 +781,10 @@ impl GlobalGate {
         }
         // A fast-path call only matters when it changes the key's state.
         if call.member.is_none()
-            && !matches!(fate, Fate::RateLimited { .. } | Fate::Disabled { .. })
+            && !matches!(
+                fate,
+                Fate::RateLimited { .. } | Fate::Disabled { .. } | Fate::QuotaExhausted { .. }
+            )
         {
             return;
         }
@@ -768,7 +794,7 @@ impl GlobalGate {
             .arg(name)
             .arg(cooldown_ms)
             .arg(reason)
-            .arg(limits.reprobe.as_millis() as u64)
+            .arg(reprobe_after(fate, &limits).as_millis() as u64)
             .arg(limits.reprobe.min(limits.cooldown).as_millis() as u64);
         let mut conn = self.conn.clone();
         if let Err(e) = inv.invoke_async::<i64>(&mut conn).await {
@@ -1254,5 +1280,37 @@ mod tests {
             1_500
         );
         assert_eq!(fate_args(&Fate::Disabled { reason: "x".into() }, &l).2, "x");
+    }
+
+    #[test]
+    fn a_model_quota_leaves_the_key_alone_cluster_wide_and_a_key_quota_probes_at_its_reset() {
+        let l = KeyLimits::default();
+        let model = Fate::ModelQuota {
+            model: "gemini-2.0-flash".into(),
+            reason: "quota_exhausted".into(),
+            reset: Some(llmq_sdk::QuotaReset::At { unix_ms: u64::MAX }),
+        };
+        assert_eq!(fate_args(&model, &l).0, "untouched");
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let key = Fate::QuotaExhausted {
+            reason: "quota_exhausted".into(),
+            reset: Some(llmq_sdk::QuotaReset::At {
+                unix_ms: now_ms + 3_600_000,
+            }),
+        };
+        assert_eq!(fate_args(&key, &l).0, "disabled");
+        let after = reprobe_after(&key, &l);
+        assert!(
+            after <= Duration::from_secs(3600) && after > Duration::from_secs(3590),
+            "{after:?}"
+        );
+        let unknown = Fate::QuotaExhausted {
+            reason: "quota_exhausted".into(),
+            reset: None,
+        };
+        assert_eq!(reprobe_after(&unknown, &l), l.reprobe);
     }
 }

@@ -315,13 +315,50 @@ pub struct UsageOut {
     pub output_tokens: u64,
 }
 
-/// The result JSON (SPEC §3).
+/// The assistant's message in a result (SPEC §9 "Result additions").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultMessage {
+    /// Always `assistant`.
+    pub role: String,
+    /// The text, or `null` when the model answered with none (a refusal,
+    /// a content filter, tool calls).
+    #[serde(default)]
+    pub content: Option<String>,
+    /// The model's refusal text when it declined, else `null`.
+    #[serde(default)]
+    pub refusal: Option<String>,
+}
+
+impl ResultMessage {
+    /// The message of a successful call: `content` is `null` when the text
+    /// is empty.
+    pub fn assistant(text: &str, refusal: Option<String>) -> ResultMessage {
+        ResultMessage {
+            role: "assistant".into(),
+            content: (!text.is_empty()).then(|| text.to_string()),
+            refusal,
+        }
+    }
+}
+
+/// Why the model stopped, normalized (`stop`, `length`, `tool_calls`,
+/// `content_filter`, `refusal`).
+pub use llmq_sdk::FinishReason;
+
+/// The result JSON (SPEC §3, with the §9 additions).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobResult {
     pub id: String,
     pub status: Status,
+    /// The message's text, for v1 producers (`""` when `message.content` is `null`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// How the call ended. Absent when the provider did not say; a call cut
+    /// short, filtered or refused is never reported as `stop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<FinishReason>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<ResultMessage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -359,6 +396,10 @@ pub struct ModelResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<FinishReason>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<ResultMessage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
@@ -381,6 +422,8 @@ impl JobResult {
             id: id.to_string(),
             status: Status::Failed,
             output: None,
+            finish_reason: None,
+            message: None,
             provider: None,
             model: None,
             key: None,

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod budget;
+pub mod calendar;
 pub mod catalog;
 pub mod cli;
 pub mod clock;

@@ -399,3 +399,35 @@ fn the_annotated_example_loads() {
     assert_eq!(cfg.plugins, defaults.plugins);
     assert_eq!(cfg.admin, defaults.admin);
 }
+
+#[test]
+fn daily_reset_is_a_time_and_an_iana_zone() {
+    let cfg = load_layers(None, &no_env()).unwrap();
+    assert_eq!(
+        cfg.providers["groq"].daily_reset.to_string(),
+        "00:00 UTC",
+        "the default"
+    );
+    let cfg = load_from_str(
+        "[providers.groq]\ndaily_reset = \"00:00 America/Los_Angeles\"\n",
+        "test.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.providers["groq"].daily_reset.zone(),
+        "America/Los_Angeles"
+    );
+
+    for (bad, says) in [
+        ("25:00 UTC", "23:59"),
+        ("00:00 Mars/Olympus", "unknown time zone \"Mars/Olympus\""),
+    ] {
+        let (file, field, expected) = err(&format!("[providers.groq]\ndaily_reset = \"{bad}\"\n"));
+        assert_eq!(
+            (file.as_str(), field.as_str()),
+            ("test.toml", "providers.groq.daily_reset"),
+            "{bad}"
+        );
+        assert!(expected.contains(says), "{bad}: {expected}");
+    }
+}

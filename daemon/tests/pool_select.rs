@@ -10,6 +10,7 @@ use llmq::pool::{
     Acquire, AcquireRequest, Fate, KeyPool, KeyState, KeyStatus, Permit, AUTH_FAILED,
     QUOTA_EXHAUSTED,
 };
+use llmq_sdk::QuotaReset;
 use secrecy::SecretString;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -776,4 +777,240 @@ fn a_late_restore_does_not_override_a_fresher_state() {
         }
     );
     assert_eq!(f.pool.key_snapshot(&a).unwrap().day_requests, 3);
+}
+
+// ----- quota scope and reset (issue 11) ---------------------------------------
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// The Unix ms of the clock's "now".
+fn unix_now(f: &Fixture) -> u64 {
+    f.clock.unix_ms()
+}
+
+fn model_quota(model: &str, reset: Option<QuotaReset>) -> Fate {
+    Fate::ModelQuota {
+        model: model.into(),
+        reason: "quota_exhausted: GenerateRequestsPerDayPerProjectPerModel-FreeTier".into(),
+        reset,
+    }
+}
+
+#[test]
+fn a_per_day_quota_of_one_model_parks_only_that_model_on_that_key_until_the_next_pacific_midnight()
+{
+    // Gemini's per-day quotas reset at midnight Pacific.
+    let f = fixture(
+        ProviderConfig {
+            daily_reset: "00:00 America/Los_Angeles".parse().unwrap(),
+            ..provider(Limits::default())
+        },
+        keys(2),
+    );
+    prove(&f, 2);
+    // 10:00 UTC on 2024-05-01 is 03:00 PDT: the next Pacific midnight is
+    // 2024-05-02 07:00 UTC, 21 h away (UTC midnight would be 14 h away).
+    f.clock.advance(10 * HOUR);
+    let reset_ms = BASE_MS + 31 * 3_600_000;
+    let k0 = KeyId::new("groq", 0);
+    let k1 = KeyId::new("groq", 1);
+    let a = || AcquireRequest {
+        pinned: None,
+        ..req("gemini-2.0-flash")
+    };
+    // Key 0 answers a call for model A with a per-day quota of that model
+    // (Gemini names it with a `models/` prefix).
+    let p = granted(f.pool.try_acquire(&AcquireRequest {
+        pinned: Some(&k0),
+        ..a()
+    }));
+    p.report(model_quota(
+        "models/gemini-2.0-flash",
+        Some(QuotaReset::NextDaily),
+    ));
+    // The key itself is fine: available, and it serves model B at once.
+    assert_eq!(f.pool.state(&k0).unwrap(), KeyState::Available);
+    let b = granted(f.pool.try_acquire(&AcquireRequest {
+        pinned: Some(&k0),
+        ..req("gemini-2.0-flash-lite")
+    }));
+    b.report(ok());
+    // Model A never goes to key 0 while the other key can take it.
+    for _ in 0..10 {
+        let p = granted(f.pool.try_acquire(&a()));
+        assert_eq!(p.key_id(), &k1);
+        p.report(ok());
+    }
+    // Model B still uses both keys.
+    let seen: Vec<u32> = (0..4)
+        .map(|_| {
+            let p = granted(f.pool.try_acquire(&req("gemini-2.0-flash-lite")));
+            let i = inst(&p);
+            p.report(ok());
+            i
+        })
+        .collect();
+    assert!(seen.contains(&0) && seen.contains(&1), "{seen:?}");
+    // The park is visible in the key's snapshot.
+    let snap = f.pool.key_snapshot(&k0).unwrap();
+    assert_eq!(snap.status, KeyStatus::Available);
+    assert_eq!(snap.parked_models.len(), 1, "{:?}", snap.parked_models);
+    assert_eq!(snap.parked_models[0].model, "gemini-2.0-flash");
+    assert_eq!(snap.parked_models[0].until_ms, reset_ms);
+    assert!(snap.parked_models[0].reason.contains("PerDay"));
+    // Pinned to key 0, model A waits for the reset.
+    assert_eq!(
+        wait_until(f.pool.try_acquire(&AcquireRequest {
+            pinned: Some(&k0),
+            ..a()
+        })),
+        f.clock.now() + 21 * HOUR
+    );
+    // Key 1 runs out for model A too: A waits for the reset (like a cooling
+    // key), it is not refused for ever.
+    let p = granted(f.pool.try_acquire(&a()));
+    assert_eq!(p.key_id(), &k1);
+    p.report(model_quota("gemini-2.0-flash", Some(QuotaReset::NextDaily)));
+    let until = wait_until(f.pool.try_acquire(&a()));
+    assert_eq!(until, f.clock.now() + 21 * HOUR);
+    let why = f.pool.model_parks("groq", "gemini-2.0-flash");
+    assert_eq!(why.len(), 2, "{why:?}");
+    assert!(
+        why[0].starts_with(
+            "quota for model gemini-2.0-flash on key groq#0 exhausted until 2024-05-02T07:00:00Z"
+        ),
+        "{why:?}"
+    );
+    // One millisecond before the reset, still parked; at the reset, served.
+    f.clock.set(until - Duration::from_millis(1));
+    assert!(matches!(f.pool.try_acquire(&a()), Acquire::Wait { .. }));
+    f.clock.set(until);
+    let p = granted(f.pool.try_acquire(&a()));
+    p.report(ok());
+    assert!(f.pool.key_snapshot(&k0).unwrap().parked_models.is_empty());
+    assert!(f.pool.model_parks("groq", "gemini-2.0-flash").is_empty());
+}
+
+#[test]
+fn a_key_scoped_quota_with_a_reset_time_is_disabled_until_exactly_then() {
+    let f = fixture(provider(Limits::default()), keys(1));
+    prove(&f, 1);
+    let k0 = KeyId::new("groq", 0);
+    // The provider says the quota comes back in 5 minutes (not the 30-minute
+    // re-probe interval).
+    let at = unix_now(&f) + 5 * 60_000;
+    granted(f.pool.try_acquire(&req("m"))).report(Fate::QuotaExhausted {
+        reason: QUOTA_EXHAUSTED.into(),
+        reset: Some(QuotaReset::At { unix_ms: at }),
+    });
+    let snap = f.pool.key_snapshot(&k0).unwrap();
+    assert_eq!(snap.status, KeyStatus::Disabled);
+    assert_eq!(snap.next_probe_ms, Some(at));
+    never(f.pool.try_acquire(&req("m")));
+    f.clock
+        .advance(Duration::from_secs(5 * 60) - Duration::from_millis(1));
+    never(f.pool.try_acquire(&req("m")));
+    f.clock.advance(Duration::from_millis(1));
+    let probe = granted(f.pool.try_acquire(&req("m")));
+    assert!(probe.is_probe());
+    probe.report(ok());
+    assert_eq!(f.pool.state(&k0).unwrap(), KeyState::Available);
+
+    // A per-day quota of the whole key: re-probed at the next daily reset.
+    f.clock.advance(HOUR);
+    granted(f.pool.try_acquire(&req("m"))).report(Fate::QuotaExhausted {
+        reason: QUOTA_EXHAUSTED.into(),
+        reset: Some(QuotaReset::NextDaily),
+    });
+    let snap = f.pool.key_snapshot(&k0).unwrap();
+    assert_eq!(snap.next_probe_ms, Some(BASE_MS + 24 * 3_600_000));
+    // Without a reset time: the re-probe interval, as before.
+    f.pool.reset(&k0).unwrap();
+    granted(f.pool.try_acquire(&req("m"))).report(Fate::QuotaExhausted {
+        reason: QUOTA_EXHAUSTED.into(),
+        reset: None,
+    });
+    let snap = f.pool.key_snapshot(&k0).unwrap();
+    assert_eq!(snap.next_probe_ms, Some(unix_now(&f) + 30 * 60_000));
+}
+
+#[test]
+fn outcomes_map_to_fates_by_quota_scope() {
+    use llmq_sdk::{Outcome, QuotaScope};
+    let key = Outcome::QuotaExhausted {
+        reset: Some(QuotaReset::At { unix_ms: 7 }),
+        scope: QuotaScope::Key,
+    };
+    assert_eq!(
+        Fate::from_outcome(&key, 0.0),
+        Fate::QuotaExhausted {
+            reason: QUOTA_EXHAUSTED.into(),
+            reset: Some(QuotaReset::At { unix_ms: 7 }),
+        }
+    );
+    let model = Outcome::QuotaExhausted {
+        reset: Some(QuotaReset::NextDaily),
+        scope: QuotaScope::Model("gemini-2.0-flash".into()),
+    };
+    assert!(matches!(
+        Fate::from_outcome(&model, 0.0),
+        Fate::ModelQuota { model, .. } if model == "gemini-2.0-flash"
+    ));
+    assert_eq!(
+        Fate::from_outcome(&Outcome::RequestTooLarge, 0.0),
+        Fate::Untouched
+    );
+}
+
+#[test]
+fn keys_that_refused_a_request_as_too_large_are_skipped_for_it_and_never_when_all_did() {
+    let f = fixture(provider(Limits::default()), keys(3));
+    prove(&f, 3);
+    let k0 = KeyId::new("groq", 0);
+    let k1 = KeyId::new("groq", 1);
+    let k2 = KeyId::new("groq", 2);
+    for _ in 0..6 {
+        let p = granted(
+            f.pool
+                .try_acquire_except(&req("m"), &[k0.clone(), k2.clone()]),
+        );
+        assert_eq!(p.key_id(), &k1);
+        p.report(ok());
+    }
+    // Excluded keys are untouched for other requests.
+    let seen: Vec<u32> = (0..3)
+        .map(|_| {
+            let p = granted(f.pool.try_acquire(&req("m")));
+            let i = inst(&p);
+            p.report(ok());
+            i
+        })
+        .collect();
+    assert_eq!(seen.len(), 3);
+    assert!(seen.contains(&0) && seen.contains(&2), "{seen:?}");
+    let why = never(
+        f.pool
+            .try_acquire_except(&req("m"), &[k0.clone(), k1.clone(), k2.clone()]),
+    );
+    assert!(why.contains("too large"), "{why}");
+    // Even a cooling key that refused it is no reason to wait.
+    granted(f.pool.try_acquire(&AcquireRequest {
+        pinned: Some(&k1),
+        ..req("m")
+    }))
+    .report(Fate::RateLimited {
+        retry_after: Some(Duration::from_secs(30)),
+    });
+    never(
+        f.pool
+            .try_acquire_except(&req("m"), &[k0.clone(), k1.clone(), k2.clone()]),
+    );
+    let why = never(f.pool.try_acquire_except(
+        &AcquireRequest {
+            pinned: Some(&k0),
+            ..req("m")
+        },
+        std::slice::from_ref(&k0),
+    ));
+    assert!(why.contains("too large"), "{why}");
 }

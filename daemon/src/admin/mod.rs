@@ -36,7 +36,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 pub use types::{
-    KeyLimits, KeyStatus, KeyView, LaneDepth, QueueView, Readiness, UsageCount, UsageRow,
+    KeyLimits, KeyStatus, KeyView, LaneDepth, ParkedModel, QueueView, Readiness, UsageCount,
+    UsageRow,
 };
 
 /// What the admin API needs from the running daemon. Implemented in

@@ -101,7 +101,14 @@ pub struct KeyView {
     /// Unix ms of the last upstream call.
     #[serde(default)]
     pub last_used_ms: Option<u64>,
+    /// Models this key may not serve until a time, because a quota scoped
+    /// to that model ran out (the key serves its other models).
+    #[serde(default)]
+    pub parked_models: Vec<ParkedModel>,
 }
+
+/// One model parked on a key: `{model, until_ms, reason}`.
+pub use crate::pool::ParkedModel;
 
 /// Usage per day, key, provider and model (`GET /v1/usage`): the rows the
 /// keystore keeps in Redis, served as they are.

@@ -210,6 +210,17 @@ fn print_keys(views: &[KeyView]) {
                     .ok()
             })
             .unwrap_or_else(|| "-".into());
+        let mut reason = v.reason.clone().unwrap_or_default();
+        for p in &v.parked_models {
+            if !reason.is_empty() {
+                reason.push_str("; ");
+            }
+            reason.push_str(&format!(
+                "{} parked until {}",
+                p.model,
+                crate::pool::rfc3339_ms(p.until_ms)
+            ));
+        }
         println!(
             "{:<14} {:<16} {:<10} {:>11} {:>13} {:>13} {:>7} {:>6} {:>5} {:>8.4} {:<20} {}",
             v.id,
@@ -223,7 +234,7 @@ fn print_keys(views: &[KeyView]) {
             v.rate_limited,
             v.cost_usd,
             last,
-            v.reason.as_deref().unwrap_or("")
+            reason
         );
     }
 }

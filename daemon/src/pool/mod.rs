@@ -6,10 +6,16 @@
 //!   call now; among them by strategy (least recently used, random, fewest in
 //!   flight, random by weight). A key that cannot serve *any* call for a while
 //!   is parked until then, so a selection costs O(log n), not a scan.
+//!   A model parked on a key (a model-scoped quota) is checked when the
+//!   key is visited for that model: each such key costs one step of a
+//!   selection for that model until its reset, none for other models.
 //! - **Fate** ([`KeyPool::report`]): 429s cool a key down for the upstream's
 //!   hint (else the provider's `cooldown`, else `keys.default_cooldown`);
 //!   invalid or out-of-credit keys are disabled and re-probed on a schedule,
-//!   one job at a time; transient failures are only counted.
+//!   one job at a time (a quota with a known reset is re-probed at that
+//!   reset); a quota scoped to one model parks only that model on the key
+//!   until its reset, and the key keeps serving its other models; transient
+//!   failures are only counted.
 //! - **Waiting**: when nothing can serve, [`Acquire::Wait`] says until when;
 //!   [`KeyPool::changed_since`] wakes a waiter early when capacity may have
 //!   been freed (a permit released, a key reset).
@@ -30,7 +36,7 @@ use crate::config::{Config, LimitShape, Limits, ProviderConfig};
 use crate::job::Strategy;
 use crate::keys::{ApiKey, KeyId, KeyRing};
 use crate::limits::{Now, Ticket};
-use llmq_sdk::{ObservedLimits, Outcome};
+use llmq_sdk::{ObservedLimits, Outcome, QuotaReset, QuotaScope};
 use provider::{Pick, ProviderState, Settings};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -89,6 +95,24 @@ pub enum Fate {
     /// The key is unusable ([`QUOTA_EXHAUSTED`], [`AUTH_FAILED`]): disable
     /// it and re-probe it on schedule.
     Disabled { reason: String },
+    /// The key's quota ran out (`quota_exhausted`, scope key): disabled like
+    /// [`Fate::Disabled`], re-probed at `reset` when the provider said when
+    /// the quota comes back, else after `keys.reprobe_interval`.
+    QuotaExhausted {
+        reason: String,
+        reset: Option<QuotaReset>,
+    },
+    /// The quota of one model on this key ran out (`quota_exhausted` with
+    /// scope `model`, e.g. Gemini's per-model, per-day quotas): only that
+    /// model is parked on the key until `reset` (else for
+    /// `keys.reprobe_interval`); the key itself is fine and keeps serving
+    /// its other models. `model` is compared with the route's model id,
+    /// case-sensitively, after stripping a `models/` prefix.
+    ModelQuota {
+        model: String,
+        reason: String,
+        reset: Option<QuotaReset>,
+    },
     /// A failure that says nothing about the key (5xx, network).
     Transient,
     /// The request itself was refused (invalid, too long): the key is fine.
@@ -109,8 +133,20 @@ impl Fate {
             Outcome::RateLimited { retry_after_ms } => Fate::RateLimited {
                 retry_after: retry_after_ms.map(Duration::from_millis),
             },
-            Outcome::QuotaExhausted { .. } => Fate::Disabled {
+            Outcome::QuotaExhausted {
+                reset,
+                scope: QuotaScope::Key,
+            } => Fate::QuotaExhausted {
                 reason: QUOTA_EXHAUSTED.into(),
+                reset: reset.clone(),
+            },
+            Outcome::QuotaExhausted {
+                reset,
+                scope: QuotaScope::Model(model),
+            } => Fate::ModelQuota {
+                model: model.clone(),
+                reason: QUOTA_EXHAUSTED.into(),
+                reset: reset.clone(),
             },
             Outcome::AuthFailed => Fate::Disabled {
                 reason: AUTH_FAILED.into(),
@@ -388,6 +424,41 @@ pub struct KeySnapshot {
     pub day_tokens: u64,
     pub upstream_blocked_until_ms: Option<u64>,
     pub stats: KeyStats,
+    /// Models parked on this key by a model-scoped quota, until their reset.
+    pub parked_models: Vec<ParkedModel>,
+}
+
+/// One model parked on a key (`quota_exhausted` scoped to that model).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedModel {
+    /// The model id as the quota named it, without a `models/` prefix.
+    pub model: String,
+    /// Unix ms when the key may serve the model again.
+    pub until_ms: u64,
+    pub reason: String,
+}
+
+/// A model id as quotas and routes are matched: case-sensitive, without a
+/// `models/` prefix (Gemini names models both ways).
+pub fn model_key(model: &str) -> &str {
+    model.strip_prefix("models/").unwrap_or(model)
+}
+
+/// Clock time of a provider's next daily reset (its `daily_reset`, e.g.
+/// Pacific midnight for Gemini), when per-day quotas come back.
+pub(crate) fn next_daily_reset(provider: &ProviderConfig, now: Now) -> Duration {
+    now.mono_at(provider.daily_reset.next_after(now.unix_ms))
+}
+
+/// RFC 3339 (UTC) of a Unix-ms instant, for messages.
+pub fn rfc3339_ms(unix_ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{unix_ms} ms"))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -577,6 +648,13 @@ impl KeyPool {
 
     /// Picks a key that can make this call now and books the call on it.
     pub fn try_acquire(&self, req: &AcquireRequest<'_>) -> Acquire {
+        self.try_acquire_except(req, &[])
+    }
+
+    /// [`KeyPool::try_acquire`] without the keys in `exclude` (keys that
+    /// refused this job's request as too large). When every key that could
+    /// serve is excluded the answer is [`Acquire::Never`].
+    pub fn try_acquire_except(&self, req: &AcquireRequest<'_>, exclude: &[KeyId]) -> Acquire {
         let epoch = self.inner.epoch.load(Ordering::SeqCst);
         let Some(provider) = self.provider(req.provider) else {
             return Acquire::Never(format!("provider {} has no keys", req.provider));
@@ -584,7 +662,7 @@ impl KeyPool {
         let now = self.inner.now();
         let mut st = lock(&provider.state);
         let model = st.model_id(req.model);
-        match st.acquire(req, model, now) {
+        match st.acquire(req, model, exclude, now) {
             Pick::Granted { idx, ticket, probe } => {
                 let key = st.keys[idx as usize].key.clone();
                 drop(st);
@@ -638,9 +716,10 @@ impl KeyPool {
         Ok(f(&mut st, idx, now))
     }
 
-    /// Re-enables a key and clears its cooldown (operator action).
+    /// Re-enables a key and clears its cooldown and model parks (operator action).
     pub fn reset(&self, id: &KeyId) -> Result<(), PoolError> {
         self.with_key(id, |st, idx, now| {
+            st.keys[idx as usize].parks.clear();
             st.set_state(idx, KeyState::Available, now, true)
         })?;
         self.inner.signal();
@@ -659,6 +738,65 @@ impl KeyPool {
         })?;
         self.inner.signal();
         Ok(())
+    }
+
+    /// Unix ms of a quota's reset for a provider (`NextDaily`: the
+    /// provider's next daily reset).
+    pub fn quota_reset_ms(&self, provider: &str, reset: &QuotaReset) -> u64 {
+        match reset {
+            QuotaReset::At { unix_ms } => *unix_ms,
+            QuotaReset::NextDaily => {
+                let now = self.inner.now();
+                let pc = self
+                    .provider(provider)
+                    .map(|p| lock(&p.state).settings.provider.clone())
+                    .unwrap_or_default();
+                now.unix_ms_at(next_daily_reset(&pc, now))
+            }
+        }
+    }
+
+    /// Turns a `NextDaily` quota reset in `outcome` into the instant it
+    /// means for this provider, so that the pool and the cluster gate park
+    /// the key until the same time.
+    pub fn resolve_reset(&self, provider: &str, outcome: &mut Outcome) {
+        if let Outcome::QuotaExhausted {
+            reset: Some(reset @ QuotaReset::NextDaily),
+            ..
+        } = outcome
+        {
+            *reset = QuotaReset::At {
+                unix_ms: self.quota_reset_ms(provider, reset),
+            };
+        }
+    }
+
+    /// Why keys of `provider` cannot serve `model` for a while because of a
+    /// model-scoped quota: "quota for model m on key X exhausted until …".
+    pub fn model_parks(&self, provider: &str, model: &str) -> Vec<String> {
+        let Some(p) = self.provider(provider) else {
+            return vec![];
+        };
+        let now = self.inner.now();
+        let st = lock(&p.state);
+        let m = model_key(model);
+        let mut out = Vec::new();
+        for idx in st.live_indexes() {
+            let e = &st.keys[idx as usize];
+            for park in e
+                .parks
+                .iter()
+                .filter(|p| &*p.model == m && p.until > now.mono)
+            {
+                out.push(format!(
+                    "quota for model {m} on key {} exhausted until {} ({})",
+                    e.key.id,
+                    rfc3339_ms(now.unix_ms_at(park.until)),
+                    park.reason
+                ));
+            }
+        }
+        out
     }
 
     /// A key's current state.

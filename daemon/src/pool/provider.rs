@@ -10,13 +10,15 @@
 
 use super::ready::{LoadKey, LruKey, ReadySet, Slot};
 use super::{
-    AcquireRequest, DailyDelta, Fate, KeyDelta, KeyEvent, KeySnapshot, KeyState, KeyStats,
-    Restored, SpendDelta, StateRecord, StatsDelta, UsageDelta,
+    model_key, next_daily_reset, AcquireRequest, DailyDelta, Fate, KeyDelta, KeyEvent, KeySnapshot,
+    KeyState, KeyStats, ParkedModel, Restored, SpendDelta, StateRecord, StatsDelta, UsageDelta,
+    QUOTA_EXHAUSTED,
 };
 use crate::config::{KeysConfig, ProviderConfig};
 use crate::job::Strategy;
 use crate::keys::{ApiKey, KeyId};
 use crate::limits::{Admission, Limiter, LimiterConfig, LocalLimiter, Now, Refusal, Ticket};
+use llmq_sdk::QuotaReset;
 use rand::Rng;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -65,9 +67,48 @@ pub(super) struct Entry {
     pub limiter: Limiter,
     pending: Pending,
     pub stats: KeyStats,
+    /// Models this key may not serve until a time (model-scoped quotas).
+    /// Usually empty; the key stays where its state says for other models.
+    pub parks: Vec<Park>,
+}
+
+/// One model parked on a key until a clock time.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Park {
+    /// [`model_key`] of the model the quota named.
+    pub model: Arc<str>,
+    pub until: Duration,
+    pub reason: String,
 }
 
 impl Entry {
+    /// Until when this key may not serve `model` (a model-scoped quota).
+    fn parked_until(&mut self, model: &str, now: Now) -> Option<Duration> {
+        if self.parks.is_empty() {
+            return None;
+        }
+        self.parks.retain(|p| p.until > now.mono);
+        let m = model_key(model);
+        self.parks.iter().find(|p| &*p.model == m).map(|p| p.until)
+    }
+
+    /// Parks `model` on this key until `until` (a later park wins).
+    fn park(&mut self, model: &str, until: Duration, reason: String, now: Now) {
+        self.parks.retain(|p| p.until > now.mono);
+        let m = model_key(model);
+        match self.parks.iter_mut().find(|p| &*p.model == m) {
+            Some(p) => {
+                p.until = p.until.max(until);
+                p.reason = reason;
+            }
+            None => self.parks.push(Park {
+                model: Arc::from(m),
+                until,
+                reason,
+            }),
+        }
+    }
+
     fn slot(&self, idx: u32) -> Slot {
         Slot {
             idx,
@@ -278,6 +319,7 @@ impl ProviderState {
                         stats: KeyStats::default(),
                         pending: Pending::default(),
                         dirty: false,
+                        parks: Vec::new(),
                     });
                     self.by_instance.insert(key.id.instance(), idx);
                     self.join_group(idx, models);
@@ -482,7 +524,13 @@ impl ProviderState {
 
     // ----- selection --------------------------------------------------------
 
-    pub fn acquire(&mut self, req: &AcquireRequest<'_>, model: u32, now: Now) -> Pick {
+    pub fn acquire(
+        &mut self,
+        req: &AcquireRequest<'_>,
+        model: u32,
+        exclude: &[KeyId],
+        now: Now,
+    ) -> Pick {
         let pinned = match (req.pinned, req.instance) {
             (Some(id), _) => Some(id.instance()),
             (None, Some(n)) => Some(n),
@@ -490,17 +538,25 @@ impl ProviderState {
         };
         if let Some(n) = pinned {
             return match self.by_instance.get(&n).copied() {
-                Some(idx) if !self.keys[idx as usize].retired => self.acquire_pinned(idx, req, now),
+                Some(idx) if !self.keys[idx as usize].retired => {
+                    self.acquire_pinned(idx, req, exclude, now)
+                }
                 _ => Pick::Never(format!("pinned key {}#{n} is unknown", self.name)),
             };
         }
         let groups = std::mem::take(&mut self.model_groups[model as usize]);
-        let pick = self.acquire_among(&groups, req, now);
+        let pick = self.acquire_among(&groups, req, exclude, now);
         self.model_groups[model as usize] = groups;
         pick
     }
 
-    fn acquire_pinned(&mut self, idx: u32, req: &AcquireRequest<'_>, now: Now) -> Pick {
+    fn acquire_pinned(
+        &mut self,
+        idx: u32,
+        req: &AcquireRequest<'_>,
+        exclude: &[KeyId],
+        now: Now,
+    ) -> Pick {
         let e = &mut self.keys[idx as usize];
         let id = e.key.id.clone();
         if !e.key.serves_model(req.model) {
@@ -508,6 +564,12 @@ impl ProviderState {
                 "pinned key {id} does not serve model {}",
                 req.model
             ));
+        }
+        if exclude.contains(&id) {
+            return Pick::Never(format!("pinned key {id} refused this request as too large"));
+        }
+        if let Some(until) = e.parked_until(req.model, now) {
+            return Pick::Wait(until);
         }
         match &e.state {
             KeyState::Disabled {
@@ -549,13 +611,38 @@ impl ProviderState {
             .unwrap_or(crate::limits::DEFAULT_WINDOW)
     }
 
-    fn acquire_among(&mut self, groups: &[u32], req: &AcquireRequest<'_>, now: Now) -> Pick {
+    fn acquire_among(
+        &mut self,
+        groups: &[u32],
+        req: &AcquireRequest<'_>,
+        exclude: &[KeyId],
+        now: Now,
+    ) -> Pick {
         if groups.is_empty() {
             return Pick::Never(if self.keys.iter().all(|e| e.retired) {
                 format!("provider {} has no keys", self.name)
             } else {
                 format!("no key of {} serves model {}", self.name, req.model)
             });
+        }
+        if !exclude.is_empty() {
+            // Keys that refused this job's request as too large are out for
+            // it; when they are all the live keys, nothing will serve it.
+            let live: u32 = groups.iter().map(|&g| self.groups[g as usize].live).sum();
+            let out = exclude
+                .iter()
+                .filter_map(|id| self.index_of(id))
+                .filter(|&i| {
+                    let e = &self.keys[i as usize];
+                    groups.contains(&e.group) && Self::is_live(e)
+                })
+                .count() as u32;
+            if live > 0 && out >= live {
+                return Pick::Never(format!(
+                    "every key of {} serving {} refused this request as too large",
+                    self.name, req.model
+                ));
+            }
         }
         let mut until: Option<Duration> = None;
         let mut nevers = 0u32;
@@ -568,6 +655,13 @@ impl ProviderState {
             while let Some(idx) = self.next_probe(g, after) {
                 after = Some(idx);
                 let e = &mut self.keys[idx as usize];
+                if exclude.contains(&e.key.id) {
+                    continue;
+                }
+                if let Some(t) = e.parked_until(req.model, now) {
+                    note(&mut until, Some(t));
+                    continue;
+                }
                 match e.limiter.admit(now, req.tokens) {
                     Ok(ticket) => return self.grant(idx, ticket, true),
                     Err(r) => note(&mut until, r.until()),
@@ -586,7 +680,7 @@ impl ProviderState {
             }
         }
         if matches!(strategy, Strategy::Random | Strategy::Weighted) {
-            match self.sample(groups, strategy == Strategy::Weighted, req, now) {
+            match self.sample(groups, strategy == Strategy::Weighted, req, exclude, now) {
                 Ok(pick) => return pick,
                 Err((u, n)) => {
                     note(&mut until, u);
@@ -595,7 +689,7 @@ impl ProviderState {
             }
         }
         let by_load = strategy == Strategy::LeastLoaded;
-        match self.scan(groups, by_load, req, now) {
+        match self.scan(groups, by_load, req, exclude, now) {
             Ok(pick) => return pick,
             Err((u, n)) => {
                 note(&mut until, u);
@@ -619,10 +713,10 @@ impl ProviderState {
         }
         if live > 0 && nevers >= live && !waiting && !probing {
             let parked_live = groups.iter().any(|&g| {
-                self.groups[g as usize]
-                    .parked
-                    .iter()
-                    .any(|&(_, i)| Self::is_live(&self.keys[i as usize]))
+                self.groups[g as usize].parked.iter().any(|&(_, i)| {
+                    let e = &self.keys[i as usize];
+                    Self::is_live(e) && !exclude.contains(&e.key.id)
+                })
             });
             if !parked_live {
                 return Pick::Never(format!(
@@ -675,7 +769,14 @@ impl ProviderState {
     }
 
     /// Asks one key; parks it when it cannot serve any request for a while.
-    fn evaluate(&mut self, idx: u32, tokens: u64, now: Now) -> Eval {
+    fn evaluate(
+        &mut self,
+        idx: u32,
+        req: &AcquireRequest<'_>,
+        exclude: &[KeyId],
+        now: Now,
+    ) -> Eval {
+        let tokens = req.tokens;
         let e = &mut self.keys[idx as usize];
         match e.state {
             KeyState::Available => {}
@@ -694,6 +795,20 @@ impl ProviderState {
                     never: false,
                 };
             }
+        }
+        if !exclude.is_empty() && exclude.contains(&e.key.id) {
+            return Eval::Skip {
+                until: None,
+                never: true,
+            };
+        }
+        // A quota of this model on this key ran out: the key stays where it
+        // is for its other models.
+        if let Some(until) = e.parked_until(req.model, now) {
+            return Eval::Skip {
+                until: Some(until),
+                never: false,
+            };
         }
         let refusal = match e.limiter.admit(now, tokens) {
             Ok(ticket) => return Eval::Grant(ticket),
@@ -742,6 +857,7 @@ impl ProviderState {
         groups: &[u32],
         weighted: bool,
         req: &AcquireRequest<'_>,
+        exclude: &[KeyId],
         now: Now,
     ) -> Result<Pick, (Option<Duration>, u32)> {
         let mut until: Option<Duration> = None;
@@ -768,7 +884,7 @@ impl ProviderState {
                 r -= m;
             }
             let Some(idx) = chosen else { break };
-            match self.evaluate(idx, req.tokens, now) {
+            match self.evaluate(idx, req, exclude, now) {
                 Eval::Grant(ticket) => return Ok(self.grant(idx, ticket, false)),
                 Eval::Skip { until: u, .. } => note(&mut until, u),
             }
@@ -792,6 +908,7 @@ impl ProviderState {
         groups: &[u32],
         by_load: bool,
         req: &AcquireRequest<'_>,
+        exclude: &[KeyId],
         now: Now,
     ) -> Result<Pick, (Option<Duration>, u32)> {
         let mut cursors = std::mem::take(&mut self.cursors);
@@ -821,7 +938,7 @@ impl ProviderState {
             };
             cursors[ci].1 = Some(k);
             let idx = k.2;
-            match self.evaluate(idx, req.tokens, now) {
+            match self.evaluate(idx, req, exclude, now) {
                 Eval::Grant(ticket) => break Ok(self.grant(idx, ticket, false)),
                 Eval::Skip { until: u, never } => {
                     note(&mut until, u);
@@ -879,6 +996,7 @@ impl ProviderState {
         let day = now.day();
         let reprobe = self.settings.keys.reprobe_interval;
         let cooldown = self.settings.cooldown();
+        let provider_cfg = &self.settings.provider;
         let mut refund = false;
         let mut new_state = None;
         let mut spent = 0.0;
@@ -941,6 +1059,38 @@ impl ProviderState {
                         since_ms: now.unix_ms,
                         next_probe: Some(now.mono + reprobe),
                     });
+                }
+            }
+            Some(Fate::QuotaExhausted { reason, reset }) => {
+                e.limiter.complete(ticket, now, None);
+                count_failure(e, QUOTA_EXHAUSTED);
+                if !settled {
+                    // Re-probed when the quota comes back, if the provider
+                    // said when; else on the usual schedule.
+                    let next_probe = reset
+                        .map(|r| resolve_reset(&r, provider_cfg, now))
+                        .unwrap_or(now.mono + reprobe);
+                    new_state = Some(KeyState::Disabled {
+                        reason,
+                        since_ms: now.unix_ms,
+                        next_probe: Some(next_probe),
+                    });
+                }
+            }
+            Some(Fate::ModelQuota {
+                model: quota_model,
+                reason,
+                reset,
+            }) => {
+                e.limiter.complete(ticket, now, None);
+                count_failure(e, QUOTA_EXHAUSTED);
+                let until = reset
+                    .map(|r| resolve_reset(&r, provider_cfg, now))
+                    .unwrap_or(now.mono + reprobe);
+                e.park(&quota_model, until, reason, now);
+                // The key answered: it is fine for its other models.
+                if probe {
+                    new_state = Some(KeyState::Available);
                 }
             }
             Some(Fate::Transient) => {
@@ -1061,6 +1211,16 @@ impl ProviderState {
             day_tokens: usage.day_tokens,
             upstream_blocked_until_ms: usage.upstream_blocked_until.map(|t| now.unix_ms_at(t)),
             stats: e.stats.clone(),
+            parked_models: e
+                .parks
+                .iter()
+                .filter(|p| p.until > now.mono)
+                .map(|p| ParkedModel {
+                    model: p.model.to_string(),
+                    until_ms: now.unix_ms_at(p.until),
+                    reason: p.reason.clone(),
+                })
+                .collect(),
         }
     }
 
@@ -1132,6 +1292,14 @@ impl ProviderState {
                 self.set_state(idx, state, now, false);
             }
         }
+    }
+}
+
+/// Clock time of a quota's reset.
+fn resolve_reset(reset: &QuotaReset, provider: &ProviderConfig, now: Now) -> Duration {
+    match reset {
+        QuotaReset::At { unix_ms } => now.mono_at(*unix_ms),
+        QuotaReset::NextDaily => next_daily_reset(provider, now),
     }
 }
 
@@ -1226,6 +1394,7 @@ impl ProviderState {
             !e.retired
                 && state_ok
                 && e.key.serves_model(req.model)
+                && e.parked_until(req.model, now).is_none()
                 && e.limiter.check(now, req.tokens).is_ok()
         })
     }

@@ -148,6 +148,27 @@ fn run(seed: u64) -> [u32; 4] {
                     3 => Fate::Transient,
                     4 => Fate::Untouched,
                     5 => Fate::NotSent,
+                    7 => Fate::ModelQuota {
+                        model: format!(
+                            "{}{}",
+                            if rng.random_bool(0.5) { "models/" } else { "" },
+                            models[rng.random_range(0..3)]
+                        ),
+                        reason: QUOTA_EXHAUSTED.into(),
+                        reset: rng.random_bool(0.7).then(|| QuotaReset::At {
+                            unix_ms: clock.unix_ms() + rng.random_range(0..60_000),
+                        }),
+                    },
+                    8 => Fate::QuotaExhausted {
+                        reason: QUOTA_EXHAUSTED.into(),
+                        reset: match rng.random_range(0..3) {
+                            0 => None,
+                            1 => Some(QuotaReset::NextDaily),
+                            _ => Some(QuotaReset::At {
+                                unix_ms: clock.unix_ms() + rng.random_range(0..120_000),
+                            }),
+                        },
+                    },
                     6 => {
                         drop(p);
                         check(&pool);

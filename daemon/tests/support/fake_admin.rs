@@ -146,6 +146,7 @@ pub fn key(id: &str, status: KeyStatus) -> KeyView {
         tokens_out: 3000,
         cost_usd: 0.0123,
         last_used_ms: Some(1_700_000_000_000),
+        parked_models: vec![],
     }
 }
 
