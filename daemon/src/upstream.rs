@@ -295,6 +295,14 @@ impl Upstream {
                     limit: self.max_body,
                 });
             }
+            // Grow by doubling, but never past the cap.
+            let needed = body.len() + chunk.len();
+            if needed > body.capacity() {
+                let target = needed
+                    .max(body.capacity().saturating_mul(2))
+                    .min(self.max_body as usize);
+                body.reserve_exact(target - body.len());
+            }
             body.extend_from_slice(&chunk);
         }
         let body = String::from_utf8(body)
