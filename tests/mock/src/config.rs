@@ -175,6 +175,9 @@ pub struct MockConfig {
     pub default_latency_ms: u64,
     /// Context window per model id, in tokens.
     pub contexts: BTreeMap<String, u64>,
+    /// Serve plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge) instead
+    /// of the default HTTPS with HTTP/2 and HTTP/1.1 by ALPN.
+    pub plain_http: bool,
 }
 
 impl Default for MockConfig {
@@ -186,6 +189,7 @@ impl Default for MockConfig {
             accept_unknown_keys: false,
             default_latency_ms: 0,
             contexts: BTreeMap::new(),
+            plain_http: false,
         }
     }
 }
@@ -232,6 +236,12 @@ impl MockConfig {
 
     pub fn context(mut self, model: impl Into<String>, tokens: u64) -> Self {
         self.contexts.insert(model.into(), tokens);
+        self
+    }
+
+    /// Opts out of TLS: the server speaks plain HTTP on `http://127.0.0.1:PORT`.
+    pub fn plain_http(mut self) -> Self {
+        self.plain_http = true;
         self
     }
 }

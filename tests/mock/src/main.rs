@@ -1,7 +1,10 @@
 //! `llmq-mock`: runs the mock provider server until killed.
 //!
-//! Prints `listening on http://ADDR` as its first stdout line so a parent
-//! process can read the port.
+//! Prints `listening on URL` as its first stdout line so a parent process
+//! can read the port: `https://localhost:PORT` by default (TLS with a
+//! throwaway CA, HTTP/2 and HTTP/1.1 by ALPN), `http://ADDR` with
+//! `--plain-http`. Under TLS the second line is `ca file: PATH`, the CA
+//! certificate (PEM) clients must trust; `--ca-out PATH` also copies it there.
 
 use anyhow::Context;
 use clap::Parser;
@@ -20,6 +23,12 @@ struct Args {
     /// JSON config (keys, limits, window, contexts). Defaults to no keys.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve plain HTTP instead of HTTPS (overrides the config's `plain_http`).
+    #[arg(long)]
+    plain_http: bool,
+    /// Also write the CA certificate (PEM) to this path (TLS only).
+    #[arg(long)]
+    ca_out: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -32,14 +41,24 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let config = match &args.config {
+    let mut config = match &args.config {
         Some(path) => MockConfig::from_file(path)?,
         None => MockConfig::default(),
     };
+    if args.plain_http {
+        config = config.plain_http();
+    }
     let server = MockServer::start_on(config, args.listen).await?;
+    if let (Some(out), Some(pem)) = (&args.ca_out, server.ca_pem()) {
+        std::fs::write(out, pem)
+            .with_context(|| format!("writing the CA certificate to {}", out.display()))?;
+    }
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening on http://{}", server.addr()).context("writing to stdout")?;
+        writeln!(out, "listening on {}", server.origin()).context("writing to stdout")?;
+        if let Some(ca) = server.ca_file() {
+            writeln!(out, "ca file: {}", ca.display()).context("writing to stdout")?;
+        }
         out.flush().context("flushing stdout")?;
     }
     wait_for_signal().await?;

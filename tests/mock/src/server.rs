@@ -17,7 +17,7 @@ use crate::wire::{
 };
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -61,7 +61,13 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-async fn openai(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn openai(
+    State(s): State<Arc<Shared>>,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    s.count_version(version);
     let key = header_str(&headers, header::AUTHORIZATION.as_str())
         .and_then(|v| {
             v.strip_prefix("Bearer ")
@@ -72,7 +78,13 @@ async fn openai(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -
     pipeline::<OpenAi>(&s, key, false, &headers, None, &body).await
 }
 
-async fn anthropic(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn anthropic(
+    State(s): State<Arc<Shared>>,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    s.count_version(version);
     let key = header_str(&headers, "x-api-key").map(str::to_owned);
     pipeline::<Anthropic>(&s, key, false, &headers, None, &body).await
 }
@@ -81,9 +93,11 @@ async fn gemini(
     State(s): State<Arc<Shared>>,
     Path(model_action): Path<String>,
     Query(query): Query<HashMap<String, String>>,
+    version: Version,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    s.count_version(version);
     let model = match model_action.rsplit_once(':') {
         Some((model, "generateContent")) if !model.is_empty() => model,
         _ => return gemini::unknown_method(&model_action).into_response(),

@@ -34,6 +34,9 @@ pub struct Stats {
     /// Per account ([`KeySpec::account`]): the ground truth of the limiter
     /// its keys share.
     pub accounts: BTreeMap<String, AccountStats>,
+    /// Provider requests per HTTP version served (`"HTTP/1.1"`, `"HTTP/2.0"`),
+    /// so a test can check what was negotiated.
+    pub http_versions: BTreeMap<String, u64>,
 }
 
 /// Counters of one account, over all its keys.
@@ -352,6 +355,7 @@ pub(crate) struct Shared {
     /// Becomes `true` when the server shuts down: ends hanging requests and
     /// endless bodies.
     closing: watch::Sender<bool>,
+    http_versions: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Shared {
@@ -381,6 +385,7 @@ impl Shared {
             pending: AtomicUsize::new(0),
             seq: AtomicU64::new(0),
             closing: watch::Sender::new(false),
+            http_versions: Mutex::new(BTreeMap::new()),
         };
         shared.add_keys(&config.keys);
         shared
@@ -394,6 +399,13 @@ impl Shared {
     /// A receiver that turns `true` when the server stops.
     pub fn closing(&self) -> watch::Receiver<bool> {
         self.closing.subscribe()
+    }
+
+    /// Counts a provider request by its HTTP version.
+    pub fn count_version(&self, version: axum::http::Version) {
+        *lock(&self.http_versions)
+            .entry(format!("{version:?}"))
+            .or_default() += 1;
     }
 
     /// A fresh id for response and request ids.
@@ -500,6 +512,7 @@ impl Shared {
         for group in lock(&self.accounts).values() {
             lock(group).reset_stats();
         }
+        lock(&self.http_versions).clear();
         self.unknown.reset_stats();
     }
 
@@ -571,6 +584,7 @@ impl Shared {
         }
         let mut stats = Stats {
             window_ms: self.window_ms,
+            http_versions: lock(&self.http_versions).clone(),
             ..Stats::default()
         };
         for (label, acc) in &by_label {

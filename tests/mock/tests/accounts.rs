@@ -26,7 +26,7 @@ async fn server() -> MockServer {
 #[tokio::test]
 async fn keys_of_one_account_share_its_limits() {
     let s = server().await;
-    let c = client();
+    let c = client(&s);
     let body = openai_body("m", "hi", Some(1));
     let mut statuses = Vec::new();
     for key in [A1, A2, A2, A1, A2] {
@@ -72,7 +72,7 @@ async fn keys_of_one_account_share_its_limits() {
 #[tokio::test]
 async fn a_key_added_later_joins_the_accounts_limiter() {
     let s = server().await;
-    let c = client();
+    let c = client(&s);
     let body = openai_body("m", "hi", Some(1));
     for key in [A1, A2] {
         assert_eq!(openai(&c, &s, key, &body).await.status(), 200);

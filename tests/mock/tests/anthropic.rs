@@ -34,7 +34,7 @@ async fn success_has_the_real_shape_usage_and_ratelimit_headers() {
         "system": "Be brief.",
         "messages": [{"role": "user", "content": [{"type": "text", "text": "hello there"}]}],
     });
-    let r = anthropic(&client(), &s, KEY, &body).await;
+    let r = anthropic(&client(&s), &s, KEY, &body).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header_u64(&r, "anthropic-ratelimit-requests-limit"), 10);
     assert_eq!(header_u64(&r, "anthropic-ratelimit-requests-remaining"), 9);
@@ -69,7 +69,7 @@ async fn version_header_and_max_tokens_are_required() {
     let s = MockServer::start(MockConfig::default().key(KeySpec::new(KEY)))
         .await
         .unwrap();
-    let c = client();
+    let c = client(&s);
     let r = c
         .post(format!("{}/messages", s.base_url(Protocol::Anthropic)))
         .header("x-api-key", KEY)
@@ -103,7 +103,7 @@ async fn over_the_limit_gets_rate_limit_error_with_retry_after() {
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     let body = anthropic_body("claude", "hi", 10);
     for _ in 0..2 {
         assert_eq!(anthropic(&c, &s, KEY, &body).await.status(), 200);
@@ -139,7 +139,7 @@ async fn key_states_models_and_context_get_the_real_errors() {
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     let body = anthropic_body("claude", "hi", 10);
 
     let (status, v) = json_of(anthropic(&c, &s, "sk-ant-invalid-000000001", &body).await).await;
@@ -192,7 +192,7 @@ async fn injected_529_is_an_overloaded_error() {
         Some(KEY),
         vec![Injection::new(FailureKind::Overloaded529, 1)],
     );
-    let c = client();
+    let c = client(&s);
     let body = anthropic_body("claude", "hi", 10);
     let (status, v) = json_of(anthropic(&c, &s, KEY, &body).await).await;
     assert_eq!(status, 529);

@@ -21,7 +21,7 @@ async fn stats_over_http_match_and_never_contain_raw_keys() {
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     let body = openai_body("m", "hi", None);
     assert_eq!(openai(&c, &s, KEY, &body).await.status(), 200);
     assert_eq!(openai(&c, &s, "short-k", &body).await.status(), 401);
@@ -79,7 +79,7 @@ async fn stats_over_http_match_and_never_contain_raw_keys() {
 #[tokio::test]
 async fn keys_can_be_added_and_replaced_at_runtime() {
     let s = MockServer::start(MockConfig::default()).await.unwrap();
-    let c = client();
+    let c = client(&s);
     let body = openai_body("m", "hi", None);
     assert_eq!(openai(&c, &s, KEY, &body).await.status(), 401);
 
@@ -121,7 +121,7 @@ async fn reset_clears_stats_and_health_answers() {
     let s = MockServer::start(MockConfig::default().key(KeySpec::new(KEY).label("k")))
         .await
         .unwrap();
-    let c = client();
+    let c = client(&s);
     assert_eq!(
         openai(&c, &s, KEY, &openai_body("m", "hi", None))
             .await
@@ -148,45 +148,74 @@ impl Drop for Child {
     }
 }
 
-#[tokio::test]
-async fn the_binary_prints_its_address_and_serves_the_config() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("mock.json");
-    let config = MockConfig::default()
-        .window_ms(5_000)
-        .key(KeySpec::new(KEY).rpm(1).label("bin"));
-    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+/// Runs the binary with `args`, returning the child and its first `lines`
+/// stdout lines.
+async fn run_bin(args: Vec<std::ffi::OsString>, lines: usize) -> (Child, Vec<String>) {
     let mut child = Child(
         Command::new(env!("CARGO_BIN_EXE_llmq-mock"))
-            .args(["--listen", "127.0.0.1:0", "--config"])
-            .arg(&path)
+            .args(args)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap(),
     );
     let stdout = child.0.stdout.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        line
+    let read = tokio::task::spawn_blocking(move || {
+        let mut reader = BufReader::new(stdout);
+        (0..lines)
+            .map(|_| {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                line.trim().to_owned()
+            })
+            .collect()
     })
     .await
     .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
-    assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+    (child, read)
+}
 
-    let c = client();
+#[tokio::test]
+async fn the_binary_prints_its_address_and_ca_and_serves_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mock.json");
+    let copy = dir.path().join("ca-copy.pem");
+    let config = MockConfig::default()
+        .window_ms(5_000)
+        .key(KeySpec::new(KEY).rpm(1).label("bin"));
+    std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+    let (child, lines) = run_bin(
+        vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--config".into(),
+            path.into(),
+            "--ca-out".into(),
+            copy.clone().into(),
+        ],
+        2,
+    )
+    .await;
+    let base = lines[0].strip_prefix("listening on ").unwrap().to_owned();
+    assert!(base.starts_with("https://localhost:"), "{lines:?}");
+    let ca_file = lines[1].strip_prefix("ca file: ").unwrap();
+    let pem = std::fs::read(ca_file).unwrap();
+    assert_eq!(std::fs::read(&copy).unwrap(), pem);
+
+    let c = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
     let send = || {
         c.post(format!("{base}/openai/v1/chat/completions"))
             .bearer_auth(KEY)
             .json(&openai_body("m", "hi", None))
             .send()
     };
-    assert_eq!(send().await.unwrap().status(), 200);
+    let r = send().await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (200, reqwest::Version::HTTP_2)
+    );
     assert_eq!(send().await.unwrap().status(), 429);
     let st: Stats = c
         .get(format!("{base}/_mock/stats"))
@@ -199,6 +228,28 @@ async fn the_binary_prints_its_address_and_serves_the_config() {
     assert_eq!(
         (st.keys["bin"].accepted, st.keys["bin"].rejected_429),
         (1, 1)
+    );
+    assert_eq!(st.http_versions["HTTP/2.0"], 2);
+    drop(child);
+}
+
+#[tokio::test]
+async fn the_binary_serves_plain_http_on_request() {
+    let (child, lines) = run_bin(
+        vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--plain-http".into(),
+        ],
+        1,
+    )
+    .await;
+    let base = lines[0].strip_prefix("listening on ").unwrap().to_owned();
+    assert!(base.starts_with("http://127.0.0.1:"), "{lines:?}");
+    let r = reqwest::get(format!("{base}/_mock/health")).await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (200, reqwest::Version::HTTP_11)
     );
     drop(child);
 }

@@ -20,7 +20,7 @@ async fn server() -> MockServer {
 #[tokio::test]
 async fn groq_413_names_the_tpm_limit_and_the_requested_tokens() {
     let s = server().await;
-    let c = client();
+    let c = client(&s);
     s.inject(Some(KEY), vec![Injection::new(FailureKind::GroqTpm413, 1)]);
     // "hi": 4 + 1 prompt tokens, plus max_tokens.
     let body = openai_body("llama-3.1-8b-instant", "hi", Some(7_000));
@@ -70,7 +70,7 @@ fn detail<'a>(v: &'a Value, kind: &str) -> &'a Value {
 #[tokio::test]
 async fn gemini_per_day_quota_names_the_period_and_the_model() {
     let s = server().await;
-    let c = client();
+    let c = client(&s);
     s.inject(
         Some(KEY),
         vec![Injection::new(FailureKind::GeminiPerDayQuota, 1)],
@@ -109,7 +109,7 @@ async fn gemini_per_day_quota_names_the_period_and_the_model() {
 #[tokio::test]
 async fn gemini_per_minute_quota_uses_the_key_rpm_and_a_27s_retry() {
     let s = server().await;
-    let c = client();
+    let c = client(&s);
     s.inject(
         Some(KEY),
         vec![
@@ -147,9 +147,9 @@ async fn hang_holds_the_request_until_the_server_stops() {
         s.base_url(llmq_mock::Protocol::OpenAi)
     );
     let body = openai_body("m", "hi", None);
+    let c = client(&s);
     let call = tokio::spawn(async move {
-        client()
-            .post(url)
+        c.post(url)
             .bearer_auth(KEY)
             .json(&body)
             .send()
@@ -177,7 +177,7 @@ async fn hang_holds_the_request_until_the_server_stops() {
 #[tokio::test]
 async fn huge_body_is_exactly_the_requested_size_and_valid_json() {
     let s = server().await;
-    let c = client();
+    let c = client(&s);
     const SIZE: u64 = 3 * 1024 * 1024 + 17;
     s.inject(
         Some(KEY),
@@ -211,7 +211,7 @@ async fn huge_body_is_exactly_the_requested_size_and_valid_json() {
 #[tokio::test]
 async fn huge_body_frames_each_protocols_success() {
     let s = server().await;
-    let c = client();
+    let c = client(&s);
     s.inject(
         Some(KEY),
         vec![Injection::new(FailureKind::HugeBody, 2).bytes(100_000)],
@@ -233,7 +233,7 @@ async fn huge_body_frames_each_protocols_success() {
 #[tokio::test]
 async fn endless_body_keeps_streaming_past_any_size() {
     let s = server().await;
-    let c = client();
+    let c = client(&s);
     s.inject(Some(KEY), vec![Injection::new(FailureKind::EndlessBody, 1)]);
     let mut r = openai(&c, &s, KEY, &openai_body("m", "hi", None)).await;
     assert_eq!(r.status(), 200);
@@ -258,7 +258,7 @@ async fn endless_body_keeps_streaming_past_any_size() {
 #[tokio::test]
 async fn endless_content_length_declares_a_huge_size_and_trickles() {
     let s = server().await;
-    let c = client();
+    let c = client(&s);
     s.inject(
         Some(KEY),
         vec![Injection::new(FailureKind::EndlessContentLength, 1).delay_ms(5)],

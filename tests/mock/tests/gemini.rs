@@ -30,7 +30,7 @@ async fn success_has_the_real_shape_and_usage() {
         ],
         "generationConfig": {"maxOutputTokens": 100},
     });
-    let r = gemini(&client(), &s, KEY, "gemini-2.0-flash", &body).await;
+    let r = gemini(&client(&s), &s, KEY, "gemini-2.0-flash", &body).await;
     let (status, v) = json_of(r).await;
     assert_eq!(status, 200);
     let cand = &v["candidates"][0];
@@ -55,7 +55,7 @@ async fn key_in_the_url_is_served_and_counted() {
     let s = MockServer::start(MockConfig::default().key(KeySpec::new(KEY)))
         .await
         .unwrap();
-    let r = client()
+    let r = client(&s)
         .post(format!(
             "{}/models/gemini-2.0-flash:generateContent?key={KEY}",
             s.base_url(Protocol::Gemini)
@@ -79,7 +79,7 @@ async fn over_the_limit_is_resource_exhausted_with_retry_info() {
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     let body = gemini_body("hi", Some(10));
     for _ in 0..2 {
         assert_eq!(
@@ -119,7 +119,7 @@ async fn key_states_models_and_context_get_google_rpc_errors() {
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     let body = gemini_body("hi", Some(10));
 
     let (status, v) = json_of(
@@ -200,7 +200,7 @@ async fn key_states_models_and_context_get_google_rpc_errors() {
         "The input token count (65) exceeds the maximum number of tokens allowed (50)."
     );
 
-    let r = client()
+    let r = client(&s)
         .post(format!(
             "{}/models/gemini-2.0-flash:countTokens",
             s.base_url(Protocol::Gemini)
@@ -220,7 +220,7 @@ async fn injected_503_is_unavailable() {
         .await
         .unwrap();
     s.inject(None, vec![Injection::new(FailureKind::Status503, 1)]);
-    let c = client();
+    let c = client(&s);
     let body = gemini_body("hi", None);
     let (status, v) = json_of(gemini(&c, &s, KEY, "gemini-2.0-flash", &body).await).await;
     assert_eq!(status, 503);

@@ -24,7 +24,7 @@ async fn server() -> MockServer {
 #[tokio::test]
 async fn status_failures_use_each_protocols_bodies() {
     let s = server().await;
-    let c = client();
+    let c = client(&s);
     s.inject(
         Some(KEY),
         vec![
@@ -82,7 +82,7 @@ async fn status_failures_use_each_protocols_bodies() {
 async fn non_json_200_returns_html() {
     let s = server().await;
     s.inject(None, vec![Injection::new(FailureKind::NonJson200, 1)]);
-    let r = openai(&client(), &s, KEY, &openai_body("m", "hi", None)).await;
+    let r = openai(&client(&s), &s, KEY, &openai_body("m", "hi", None)).await;
     assert_eq!(r.status(), 200);
     assert!(header(&r, "content-type").unwrap().starts_with("text/html"));
     assert_eq!(r.text().await.unwrap(), "<html>oops</html>");
@@ -92,7 +92,7 @@ async fn non_json_200_returns_html() {
 #[tokio::test]
 async fn reset_drops_the_connection_without_a_response() {
     let s = server().await;
-    let c = client();
+    let c = client(&s);
     s.inject(Some(KEY), vec![Injection::new(FailureKind::Reset, 1)]);
     let err = c
         .post(format!(
@@ -123,7 +123,7 @@ async fn slow_body_sends_headers_then_the_body_late() {
         vec![Injection::new(FailureKind::SlowBody, 1).delay_ms(400)],
     );
     let start = Instant::now();
-    let r = openai(&client(), &s, KEY, &openai_body("m", "slowly", None)).await;
+    let r = openai(&client(&s), &s, KEY, &openai_body("m", "slowly", None)).await;
     let headers_at = start.elapsed();
     assert_eq!(r.status(), 200);
     assert!(
@@ -144,7 +144,7 @@ async fn slow_body_sends_headers_then_the_body_late() {
 #[tokio::test]
 async fn rate_limited_429_is_served_under_the_limit() {
     let s = server().await;
-    let c = client();
+    let c = client(&s);
     s.inject(
         Some(KEY),
         vec![Injection::new(FailureKind::RateLimited429, 1).retry_after_ms(2_500)],
@@ -186,7 +186,7 @@ async fn rate_limited_429_is_served_under_the_limit() {
 #[tokio::test]
 async fn counts_and_targets_are_respected() {
     let s = server().await;
-    let c = client();
+    let c = client(&s);
     let body = openai_body("m", "hi", None);
     s.inject(Some(KEY), vec![Injection::new(FailureKind::Status500, 2)]);
     assert_eq!(openai(&c, &s, OTHER, &body).await.status(), 200);
@@ -200,7 +200,7 @@ async fn counts_and_targets_are_respected() {
 #[tokio::test]
 async fn inject_over_http_applies_to_every_key() {
     let s = server().await;
-    let c = client();
+    let c = client(&s);
     let r = c
         .post(s.url("/_mock/inject"))
         .json(&json!({"failures": [{"kind": "status_503", "count": 2}]}))
@@ -234,7 +234,7 @@ async fn latency_is_applied_per_key_and_by_default() {
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     let body = openai_body("m", "hi", None);
     let start = Instant::now();
     assert_eq!(openai(&c, &s, OTHER, &body).await.status(), 200);

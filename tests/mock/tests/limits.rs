@@ -25,7 +25,7 @@ async fn rolling_window_and_token_bucket_differ_after_a_burst() {
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     let body = openai_body("m", "hi", Some(1));
     for key in [ROLLING, BUCKET] {
         for _ in 0..4 {
@@ -79,7 +79,7 @@ async fn a_concurrent_burst_accepts_exactly_the_limit() {
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     let body = openai_body("m", "hi", Some(1));
     let responses =
         futures::future::join_all((0..40).map(|_| openai(&c, &s, ROLLING, &body))).await;
@@ -102,7 +102,7 @@ async fn a_client_obeying_the_hints_is_never_refused_twice_and_never_over_sends(
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     // Prompt 4 + 1 = 5 tokens + 295 max_tokens: 300 per request, so tokens
     // (2000 / 300 → 6) are looser than requests (5) here.
     let body = openai_body("m", "hi", Some(295));
@@ -145,7 +145,7 @@ async fn token_bucket_tokens_refill_continuously() {
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     // 5 + 495 = 500 tokens each: two fit, the third needs 500 more tokens,
     // which refill in 500 / 1000 * 2 s = 1 s.
     let body = openai_body("m", "hi", Some(495));

@@ -19,7 +19,7 @@ async fn success_has_the_real_shape_usage_and_ratelimit_headers() {
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     let body = json!({
         "model": "gpt-4o-mini",
         "max_tokens": 50,
@@ -68,7 +68,7 @@ async fn output_is_capped_by_max_tokens() {
         .await
         .unwrap();
     let r = openai(
-        &client(),
+        &client(&s),
         &s,
         "any-key",
         &openai_body("m", "a long question indeed", Some(3)),
@@ -91,7 +91,7 @@ async fn over_the_request_limit_gets_429_with_accurate_hints() {
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     let body = openai_body("gpt-4o-mini", "hi", Some(10));
     for _ in 0..3 {
         assert_eq!(openai(&c, &s, KEY, &body).await.status(), 200);
@@ -133,7 +133,7 @@ async fn over_the_token_limit_gets_a_tokens_429() {
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     // "hello": prompt 4 + 2 = 6, no max_tokens: charged 6 + 256 = 262.
     let body = openai_body("gpt-4o-mini", "hello", None);
     for _ in 0..2 {
@@ -180,7 +180,7 @@ async fn key_states_get_the_real_error_bodies() {
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     let body = openai_body("gpt-4o-mini", "hi", None);
 
     let r = openai(&c, &s, "sk-invalid-key-0000000001", &body).await;
@@ -248,7 +248,7 @@ async fn missing_models_and_long_contexts_are_refused() {
     )
     .await
     .unwrap();
-    let c = client();
+    let c = client(&s);
     let (status, v) =
         json_of(openai(&c, &s, KEY, &openai_body("missing-model-x", "hi", None)).await).await;
     assert_eq!(status, 404);

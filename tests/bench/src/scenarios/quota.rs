@@ -85,7 +85,10 @@ async fn measure(ctx: &Ctx) -> Result<Vec<Row>> {
     let keys = bench_keys(s.quota_keys);
     let limits: Vec<KeyLimits> = (0..keys.len()).map(|i| key_limits(i, charge)).collect();
     let per_window: u64 = limits.iter().map(|l| capacity(*l, charge)).sum();
-    let mut config = MockConfig::default().window_ms(s.quota_window_ms);
+    // Plain HTTP, like every benchmark mock (see `open_mock`) until issue 17.
+    let mut config = MockConfig::default()
+        .plain_http()
+        .window_ms(s.quota_window_ms);
     for (k, l) in keys.iter().zip(&limits) {
         let mut spec = KeySpec::new(k.clone());
         if let Some(r) = l.rpm {

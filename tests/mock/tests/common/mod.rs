@@ -4,8 +4,13 @@
 use llmq_mock::{MockServer, Protocol};
 use serde_json::{json, Value};
 
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().build().unwrap()
+/// A client for `s`: it trusts the server's throwaway CA under TLS.
+pub fn client(s: &MockServer) -> reqwest::Client {
+    let mut b = reqwest::Client::builder();
+    if let Some(pem) = s.ca_pem() {
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap());
+    }
+    b.build().unwrap()
 }
 
 pub fn openai_body(model: &str, text: &str, max_tokens: Option<u64>) -> Value {
