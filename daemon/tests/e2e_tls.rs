@@ -1,7 +1,12 @@
 //! Reaching real providers (issue 11, SPEC §12), end to end with the daemon
-//! process: the bounds of a call (the job's deadline, the body cap), base
-//! URLs checked at start, proxies from the environment, and the TLS backend
-//! in the build.
+//! process: HTTPS with HTTP/2 through each plugin, an untrusted certificate
+//! (a TLS error that leaves the key alone), the bounds of a call (the job's
+//! deadline, the body cap), base URLs checked at start, proxies from the
+//! environment, and the TLS backend in the build.
+//!
+//! The mock serves HTTPS by default and the harness trusts its CA through
+//! `[upstream] ca_file`; [`a_plain_http_upstream_still_works`] is the one
+//! e2e test on plain HTTP.
 
 #[path = "support/e2e.rs"]
 mod e2e;
@@ -48,6 +53,218 @@ fn warm_up(redis: &RedisServer, daemon: &llmq_testkit::daemon::DaemonProcess) {
         "{r:?}\n{}",
         tail(&daemon.log(), 30)
     );
+}
+
+/// The config without `[upstream] ca_file`: the mock's CA is not trusted.
+fn without_ca_file(config: &str) -> String {
+    let out: Vec<&str> = config
+        .lines()
+        .filter(|l| !l.starts_with("ca_file = "))
+        .collect();
+    assert_ne!(
+        out.len(),
+        config.lines().count(),
+        "the config had a ca_file"
+    );
+    out.join("\n") + "\n"
+}
+
+/// Points `[providers.<name>]` at another base URL.
+fn retarget(config: &str, name: &str, base_url: &str) -> String {
+    let at = config
+        .find(&format!("[providers.{name}]\n"))
+        .expect("the provider is in the config");
+    let line = config[at..].find("base_url = ").expect("its base_url") + at;
+    let end = config[line..].find('\n').expect("a line end") + line;
+    format!(
+        "{}base_url = \"{base_url}\"{}",
+        &config[..line],
+        &config[end..]
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_plugin_reaches_the_mock_over_https_with_http2() {
+    let redis = RedisServer::start();
+    let mock = mock(
+        MockConfig::default()
+            .key(KeySpec::new(OA).label("oa#1"))
+            .key(KeySpec::new("sk-ant-test-000000000001").label("an#1"))
+            .key(KeySpec::new("AIza-test-0000000000001").label("ge#1")),
+    )
+    .await;
+    assert!(mock.base_url(Protocol::OpenAi).starts_with("https://"));
+    let providers = [
+        Provider::new("oa", Protocol::OpenAi, "free", "m-openai"),
+        Provider::new("an", Protocol::Anthropic, "free", "m-anthropic"),
+        Provider::new("ge", Protocol::Gemini, "free", "m-gemini"),
+    ];
+    let cfg = config(&redis, &mock, &providers, "");
+    assert!(cfg.contains("ca_file = "), "{cfg}");
+    let daemon = start(
+        &spec(cfg)
+            .env("OA_API_KEY_1", OA)
+            .env("AN_API_KEY_1", "sk-ant-test-000000000001")
+            .env("GE_API_KEY_1", "AIza-test-0000000000001"),
+    );
+    let mut ids = vec![];
+    for model in ["m-openai", "m-anthropic", "m-gemini"] {
+        let mut j = job(model);
+        j["model"] = serde_json::json!(model);
+        push(&redis, "normal", &j);
+        ids.push(model.to_string());
+    }
+    let results = wait_results(&redis, &daemon, &ids, Duration::from_secs(30));
+    for r in &results {
+        assert_eq!(
+            r.status,
+            Status::Succeeded,
+            "{r:?}\n{}",
+            tail(&daemon.log(), 30)
+        );
+        assert!(
+            r.output
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("mock reply to:"),
+            "{r:?}"
+        );
+    }
+    let keys: Vec<&str> = results.iter().filter_map(|r| r.key.as_deref()).collect();
+    assert_eq!(keys, ["oa#1", "an#1", "ge#1"]);
+    // The mock's side: every call came over HTTP/2, negotiated by ALPN.
+    let versions = mock.stats().http_versions;
+    assert_eq!(versions.get("HTTP/2.0").copied(), Some(3), "{versions:?}");
+    assert_eq!(versions.len(), 1, "only HTTP/2: {versions:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_certificate_fails_the_job_with_a_tls_error_and_leaves_the_key_available() {
+    let redis = RedisServer::start();
+    let mock = mock(oa_mock_config()).await;
+    let trusted = config(&redis, &mock, &oa(), "");
+    let listen = free_listen();
+    let untrusted = with_admin(&without_ca_file(&trusted), &listen);
+    let mut daemon = start(&spec(untrusted).env("OA_API_KEY_1", OA));
+    let admin = Admin::new(&listen, None);
+    admin.wait_up(&mut daemon, Duration::from_secs(30)).await;
+
+    push(&redis, "normal", &job("untrusted"));
+    let r = wait_results(
+        &redis,
+        &daemon,
+        &["untrusted".into()],
+        Duration::from_secs(30),
+    )
+    .pop()
+    .unwrap();
+    assert_eq!(r.status, Status::Failed, "{r:?}");
+    let error = r.error.as_ref().expect("an error");
+    assert_eq!(error.kind, JobFailure::Upstream, "{r:?}");
+    eprintln!("result error: {}", error.message);
+    for needle in ["TLS/certificate error", "provider oa", "certificate"] {
+        assert!(
+            error.message.contains(needle),
+            "{needle}: {}",
+            error.message
+        );
+    }
+    // One call, refused at the handshake: no retries, no HTTP request.
+    let outcomes: Vec<(&str, &str)> = r
+        .attempts
+        .iter()
+        .map(|a| (a.key.as_str(), a.outcome.as_str()))
+        .collect();
+    assert_eq!(outcomes, [("oa#1", "tls_error")], "{r:?}");
+    assert_eq!(mock.stats().total_calls, 0);
+
+    // The key was not at fault: it stays available ...
+    let keys = admin.get("/v1/keys").await.json();
+    let row = keys
+        .as_array()
+        .and_then(|a| a.iter().find(|k| k["id"] == "oa#1"))
+        .unwrap_or_else(|| panic!("oa#1 in {keys}"));
+    assert_eq!(row["status"], "available", "{row}");
+    drop(daemon);
+
+    // ... and a daemon that trusts the CA, on the same Redis, uses it at once.
+    let daemon = start(&spec(trusted).env("OA_API_KEY_1", OA));
+    push(&redis, "normal", &job("trusted"));
+    let r = wait_results(
+        &redis,
+        &daemon,
+        &["trusted".into()],
+        Duration::from_secs(30),
+    )
+    .pop()
+    .unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    assert_eq!(r.key.as_deref(), Some("oa#1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_failure_drops_that_provider_and_the_job_goes_on_elsewhere() {
+    let redis = RedisServer::start();
+    let good = mock(MockConfig::default().key(KeySpec::new(OA).label("good#1"))).await;
+    // Another mock with a CA of its own, which the daemon does not trust.
+    let stranger =
+        mock(MockConfig::default().key(KeySpec::new("sk-test-bad-000000000001").label("bad#1")))
+            .await;
+    let providers = [
+        Provider::new("bad", Protocol::OpenAi, "free", "m"),
+        Provider::new("good", Protocol::OpenAi, "paid", "m"),
+    ];
+    let cfg = retarget(
+        &config(&redis, &good, &providers, ""),
+        "bad",
+        &stranger.base_url(Protocol::OpenAi),
+    );
+    let daemon = start(
+        &spec(cfg)
+            .env("BAD_API_KEY_1", "sk-test-bad-000000000001")
+            .env("GOOD_API_KEY_1", OA),
+    );
+    push(&redis, "normal", &job("elsewhere"));
+    let r = wait_results(
+        &redis,
+        &daemon,
+        &["elsewhere".into()],
+        Duration::from_secs(30),
+    )
+    .pop()
+    .unwrap();
+    assert_eq!(
+        r.status,
+        Status::Succeeded,
+        "{r:?}\n{}",
+        tail(&daemon.log(), 30)
+    );
+    let outcomes: Vec<(&str, &str)> = r
+        .attempts
+        .iter()
+        .map(|a| (a.key.as_str(), a.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [("bad#1", "tls_error"), ("good#1", "success")],
+        "{r:?}"
+    );
+    assert_eq!(stranger.stats().total_calls, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_http_upstream_still_works() {
+    // The one e2e test on plain HTTP: http:// base URLs (a local Ollama or
+    // vLLM) keep working, over HTTP/1.1, with no CA configured.
+    let redis = RedisServer::start();
+    let mock = mock(oa_mock_config().plain_http()).await;
+    assert!(mock.base_url(Protocol::OpenAi).starts_with("http://"));
+    let cfg = config(&redis, &mock, &oa(), "");
+    assert!(!cfg.contains("ca_file"), "{cfg}");
+    let daemon = start(&spec(cfg).env("OA_API_KEY_1", OA));
+    warm_up(&redis, &daemon);
+    let versions = mock.stats().http_versions;
+    assert_eq!(versions.get("HTTP/1.1").copied(), Some(1), "{versions:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -99,9 +99,18 @@ pub fn config(
     s
 }
 
-/// The `[upstream]` section of [`config`].
-fn upstream_section(_mock: &MockServer) -> String {
-    UPSTREAM_HEADER.to_string()
+/// The `[upstream]` section of [`config`]: the mock serves HTTPS (HTTP/2 by
+/// ALPN) with a throwaway CA, trusted through `ca_file`, so every e2e suite
+/// takes the path users take. A mock started with `MockConfig::plain_http()`
+/// gets no `ca_file`.
+fn upstream_section(mock: &MockServer) -> String {
+    match mock.ca_file() {
+        Some(ca) => format!(
+            "{UPSTREAM_HEADER}ca_file = {}\n",
+            serde_json::to_string(&ca.display().to_string()).expect("a path as a string")
+        ),
+        None => UPSTREAM_HEADER.to_string(),
+    }
 }
 
 const UPSTREAM_HEADER: &str = "[upstream]\n";
