@@ -155,6 +155,7 @@ pub fn upstream_client(config: &Config, file: &str) -> Result<Upstream> {
     let upstream = Upstream::new(&config.upstream).map_err(|e| match e {
         SetupError::CaFile(e) => Error::config(file, "upstream.ca_file", e.to_string()),
         SetupError::Proxy(e) => Error::config(file, "upstream.proxy", e),
+        SetupError::NoRoots(e) => Error::config("environment", "SSL_CERT_FILE/SSL_CERT_DIR", e),
         other => Error::Other(format!("upstream: {other}")),
     })?;
     tracing::info!(roots = %upstream.roots(), "upstream TLS roots");

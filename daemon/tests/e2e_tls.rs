@@ -253,6 +253,45 @@ async fn a_tls_failure_drops_that_provider_and_the_job_goes_on_elsewhere() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_cert_file_and_ssl_cert_dir_are_trusted_and_an_empty_one_stops_start() {
+    let redis = RedisServer::start();
+    let mock = mock(oa_mock_config()).await;
+    let ca = mock.ca_file().expect("the mock speaks TLS").to_path_buf();
+    let cfg = without_ca_file(&config(&redis, &mock, &oa(), ""));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&ca, dir.path().join("mock-ca.pem")).unwrap();
+    for (var, value) in [
+        ("SSL_CERT_FILE", ca.display().to_string()),
+        ("SSL_CERT_DIR", dir.path().display().to_string()),
+    ] {
+        let daemon = start(&spec(cfg.clone()).env("OA_API_KEY_1", OA).env(var, &value));
+        warm_up(&redis, &daemon);
+    }
+
+    // Set, but without a certificate: no https upstream could be verified,
+    // so check-config (and serve) stop at start.
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let path = dir.path().join("llmq.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_llmq"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", dir.path())
+        .env("SSL_CERT_FILE", &empty)
+        .env("OA_API_KEY_1", OA)
+        .args(["--config", path.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("SSL_CERT_FILE/SSL_CERT_DIR is set but holds no certificate"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_http_upstream_still_works() {
     // The one e2e test on plain HTTP: http:// base URLs (a local Ollama or
     // vLLM) keep working, over HTTP/1.1, with no CA configured.
