@@ -25,6 +25,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Several daemons on one Redis (`[cluster]`, see `global` and `cluster`).
     pub cluster: ClusterConfig,
+    /// How llmq talks to the providers (`[upstream]`, see `upstream`).
+    pub upstream: UpstreamConfig,
     /// Providers by name. After loading, this is the catalog merged with the
     /// user's file, field by field.
     pub providers: BTreeMap<String, ProviderConfig>,
@@ -135,6 +137,58 @@ impl Default for ClusterConfig {
         ClusterConfig {
             enabled: true,
             heartbeat: Duration::from_secs(1),
+        }
+    }
+}
+
+/// How llmq talks to the providers over HTTP (SPEC §12). Read once at start
+/// (a SIGHUP reload keeps the client it started with).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// A PEM file of extra root certificates (a private CA), trusted in
+    /// addition to the platform's roots (or `SSL_CERT_FILE`/`SSL_CERT_DIR`).
+    pub ca_file: Option<String>,
+    /// An `http://` or `https://` proxy for every upstream call (`NO_PROXY`
+    /// still applies). Without it, `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`
+    /// and `NO_PROXY` from the environment are used.
+    pub proxy: Option<String>,
+    /// HTTP/2: by ALPN on https (`auto`), always without negotiation
+    /// (`prior-knowledge`, for h2c upstreams such as a local vLLM), or never.
+    pub http2: Http2Mode,
+    /// Time to establish a connection (TCP, TLS and proxy handshakes).
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    /// Longest one call may take, headers and body; a call is also cut at
+    /// its job's deadline, whichever comes first.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Largest response body read; a larger one fails that call as transient.
+    pub max_response_bytes: u64,
+}
+
+/// `[upstream] http2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Http2Mode {
+    /// HTTP/2 when the server offers it by ALPN (https), else HTTP/1.1.
+    #[default]
+    Auto,
+    /// HTTP/2 without negotiation, on http (h2c) and https alike.
+    PriorKnowledge,
+    /// HTTP/1.1 only.
+    Never,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            ca_file: None,
+            proxy: None,
+            http2: Http2Mode::Auto,
+            connect_timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(120),
+            max_response_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -997,8 +1051,45 @@ fn validate(cfg: &Config) -> Result<(), Problem> {
             ));
         }
     }
+    validate_upstream(&cfg.upstream)?;
     for (name, p) in &cfg.providers {
         validate_provider(name, p)?;
+    }
+    Ok(())
+}
+
+fn validate_upstream(u: &UpstreamConfig) -> Result<(), Problem> {
+    let up = |f: &str| vec![key("upstream"), key(f)];
+    if let Some(path) = &u.ca_file {
+        crate::upstream::read_ca_file(Path::new(path))
+            .map_err(|e| problem(up("ca_file"), e.to_string()))?;
+    }
+    if let Some(proxy) = &u.proxy {
+        crate::upstream::check_proxy_url(proxy).map_err(|e| problem(up("proxy"), e))?;
+    }
+    if u.connect_timeout.is_zero() {
+        return Err(problem(
+            up("connect_timeout"),
+            "a duration > 0, e.g. \"10s\"",
+        ));
+    }
+    // The cluster gate counts a call in flight for at most MAX_CALL.
+    let longest = crate::global::MAX_CALL.saturating_sub(Duration::from_secs(5));
+    if u.timeout.is_zero() || u.timeout > longest {
+        return Err(problem(
+            up("timeout"),
+            format!(
+                "a duration > 0 and at most {} (a call's slot in the cluster gate lasts {}), e.g. \"120s\"",
+                humantime::format_duration(longest),
+                humantime::format_duration(crate::global::MAX_CALL)
+            ),
+        ));
+    }
+    if u.max_response_bytes == 0 {
+        return Err(problem(
+            up("max_response_bytes"),
+            "a size in bytes ≥ 1, e.g. 16777216 (16 MiB)",
+        ));
     }
     Ok(())
 }
@@ -1037,14 +1128,7 @@ fn validate_provider(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
             "a non-empty http(s) base URL, e.g. \"https://api.example.com/v1\"",
         ));
     }
-    if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://"))
-        || p.base_url.contains(char::is_whitespace)
-    {
-        return Err(problem(
-            at(&[key("base_url")]),
-            format!("an http(s) URL without spaces; got {:?}", p.base_url),
-        ));
-    }
+    crate::upstream::check_base_url(&p.base_url).map_err(|e| problem(at(&[key("base_url")]), e))?;
     if let Some(e) = &p.keys_env {
         if !valid_env_prefix(e) {
             return Err(problem(

@@ -255,6 +255,11 @@ fn demo_config(redis_url: &str, mock: &MockServer, plugins: &Path, window_s: u64
          [routing]\nwait_for_cheaper = \"1s\"\n\n",
         plugins.display()
     );
+    // The mock speaks HTTPS with a CA of its own: trust it for this run.
+    if let Some(ca) = mock.ca_file() {
+        let ca = toml::Value::String(ca.display().to_string());
+        s.push_str(&format!("[upstream]\nca_file = {ca}\n\n"));
+    }
     // Only the demo's own providers route: every catalog provider is off.
     for name in crate::catalog::providers().unwrap_or_default().keys() {
         s.push_str(&format!("[providers.{name}]\nenabled = false\n\n"));

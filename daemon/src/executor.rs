@@ -68,9 +68,16 @@
 //!   for this job on this route; the job moves on at once to the route's
 //!   other keys and the other routes. When every key of every route refused
 //!   it, the job fails at once as `invalid_request` with the upstream's message.
-//! - `transient` (5xx, network): the key is backed off for this job (1 s,
-//!   doubling) while other keys and routes are tried; after
-//!   [`MAX_TRANSIENT_TRIES`] the job fails as `exhausted`.
+//! - `transient` (5xx, network, a body over `[upstream] max_response_bytes`):
+//!   the key is backed off for this job (1 s, doubling) while other keys and
+//!   routes are tried; after [`MAX_TRANSIENT_TRIES`] the job fails as
+//!   `exhausted`.
+//! - A TLS/certificate failure: the setup is at fault, not the key (it is
+//!   left untouched); the provider's routes are dropped for the job, as all
+//!   its keys share its base URL, and when no route is left the job fails
+//!   with an `upstream` error naming the provider and the TLS problem.
+//! - A call is cut at the job's deadline (it never outlives its job): the
+//!   attempt reads `deadline` and the job fails as `deadline`.
 //! - `model_not_found`: the route is dropped; `no_route` when none is left.
 //! - `context_too_long`: the route and every route with no larger known
 //!   context are dropped (the estimate was short); `invalid_request` when
@@ -95,7 +102,7 @@ use crate::plugin_host::PluginHost;
 use crate::pool::{model_key, Acquire, AcquireRequest, Fate, KeyPool};
 use crate::queue::{Disposition, JobContext, JobHandler};
 use crate::router::{Route, RouteTable};
-use crate::upstream::Upstream;
+use crate::upstream::{NetError, Upstream};
 use futures::future::BoxFuture;
 use llmq_sdk::{ChatRequest, Outcome, PrepareInput, ProviderInfo, QuotaScope};
 use std::collections::HashMap;
@@ -458,7 +465,7 @@ impl Executor {
             let call_started = self.clock.now();
             let span = tracing::info_span!("call", provider = %route.provider, model = %route.model, key = %key_id);
             let outcome = self
-                .call(rt, &route, job, permit.secret())
+                .call(rt, &route, job, permit.secret(), deadline)
                 .instrument(span)
                 .await
                 .map(|mut p| {
@@ -480,7 +487,7 @@ impl Executor {
             if let (Some(gate), Some(call)) = (&rt.global, global_call) {
                 let fate = match &outcome {
                     Ok(p) => Fate::from_outcome(&p.outcome, 0.0),
-                    Err(CallFailure::Network(_)) => Fate::Transient,
+                    Err(CallFailure::Network(e)) => network_fate(e),
                     Err(CallFailure::Plugin(_)) => Fate::Untouched,
                 };
                 gate.complete(call, &fate).await;
@@ -489,7 +496,7 @@ impl Executor {
             let outcome_name = match &outcome {
                 Ok(p) => p.outcome.name().to_string(),
                 Err(CallFailure::Plugin(_)) => "plugin_error".to_string(),
-                Err(CallFailure::Network(_)) => "network".to_string(),
+                Err(CallFailure::Network(e)) => network_outcome(e).to_string(),
             };
             branch.attempts.push(Attempt {
                 provider: route.provider.to_string(),
@@ -512,10 +519,41 @@ impl Executor {
                     rt.pool.report(permit, Fate::Untouched);
                     return fail(branch, FailureKind::Upstream, msg, now);
                 }
-                Err(CallFailure::Network(msg)) => {
+                Err(CallFailure::Network(e)) => {
                     rt.budgets
                         .release(&route.provider, est_cost, self.clock.unix_ms());
-                    rt.pool.report(permit, Fate::Transient);
+                    rt.pool.report(permit, network_fate(&e));
+                    let msg = e.to_string();
+                    match e {
+                        NetError::Deadline(_) => {
+                            return fail(
+                                branch,
+                                FailureKind::Deadline,
+                                format!(
+                                    "deadline reached during the call to {} on {key_id}",
+                                    route.name()
+                                ),
+                                now,
+                            );
+                        }
+                        NetError::Tls(_) => {
+                            // The setup (CA, proxy, URL) is at fault, not the key,
+                            // and every key of this provider shares its base URL.
+                            let provider = route.provider.clone();
+                            tracing::warn!(provider = %provider, error = %msg, "TLS failure: provider dropped for this job");
+                            routes.retain(|r| r.provider != provider);
+                            let why = format!(
+                                "provider {provider} ({}): {msg}; check [upstream] ca_file or SSL_CERT_FILE/SSL_CERT_DIR",
+                                route.info.base_url
+                            );
+                            if routes.is_empty() {
+                                return fail(branch, FailureKind::Upstream, why, now);
+                            }
+                            last_upstream_error = Some(why);
+                            continue;
+                        }
+                        _ => {}
+                    }
                     transient_tries += 1;
                     last_upstream_error = Some(msg.clone());
                     if transient_tries >= MAX_TRANSIENT_TRIES {
@@ -736,6 +774,7 @@ impl Executor {
         route: &Route,
         job: &Job,
         secret: Option<&str>,
+        deadline: Duration,
     ) -> Result<llmq_sdk::Parsed, CallFailure> {
         let plugin = rt
             .plugins
@@ -760,11 +799,13 @@ impl Executor {
             .prepare(&input)
             .map_err(|e| CallFailure::Plugin(e.to_string()))?;
         let clock = self.clock.clone();
+        // A call never outlives its job.
+        let remaining = deadline.saturating_sub(self.clock.now());
         let response = self
             .upstream
-            .send(request, move || clock.unix_ms())
+            .send(request, remaining, move || clock.unix_ms())
             .await
-            .map_err(|e| CallFailure::Network(e.to_string()))?;
+            .map_err(CallFailure::Network)?;
         plugin
             .parse(&response)
             .map_err(|e| CallFailure::Plugin(e.to_string()))
@@ -774,8 +815,29 @@ impl Executor {
 enum CallFailure {
     /// The plugin panicked, refused or returned garbage: fails the job.
     Plugin(String),
-    /// No HTTP response: transient.
-    Network(String),
+    /// No usable HTTP response: transient, except a TLS failure (the
+    /// provider is dropped for the job, the key untouched) and the job's
+    /// deadline (the job ends).
+    Network(NetError),
+}
+
+/// What a failed call says about the key: nothing, either way; a TLS
+/// failure is the setup's fault and does not even count against the key.
+fn network_fate(e: &NetError) -> Fate {
+    match e {
+        NetError::Tls(_) => Fate::Untouched,
+        _ => Fate::Transient,
+    }
+}
+
+/// The attempt's `outcome` for a call that got no usable response.
+fn network_outcome(e: &NetError) -> &'static str {
+    match e {
+        NetError::Deadline(_) => "deadline",
+        NetError::Tls(_) => "tls_error",
+        NetError::TooLarge { .. } => "response_too_large",
+        _ => "network",
+    }
 }
 
 /// Replaces every occurrence of the secret with its masked form.

@@ -21,7 +21,7 @@ use crate::plugin_host::PluginHost;
 use crate::pool::KeyPool;
 use crate::queue::{Disposition, JobContext, JobHandler, Queue};
 use crate::router::RouteTable;
-use crate::upstream::{Upstream, DEFAULT_TIMEOUT};
+use crate::upstream::Upstream;
 use futures::future::{BoxFuture, FutureExt};
 use std::collections::HashMap;
 use std::future::Future;
@@ -148,6 +148,20 @@ const RESTORE_AT_START: Duration = Duration::from_secs(2);
 /// How long the final flush of key counters may take after the drain.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
+/// The HTTP client for `[upstream]` (TLS roots, `ca_file`, proxy): a setup
+/// that cannot work fails at start, as `check-config` does.
+pub fn upstream_client(config: &Config, file: &str) -> Result<Upstream> {
+    use crate::upstream::SetupError;
+    let upstream = Upstream::new(&config.upstream).map_err(|e| match e {
+        SetupError::CaFile(e) => Error::config(file, "upstream.ca_file", e.to_string()),
+        SetupError::Proxy(e) => Error::config(file, "upstream.proxy", e),
+        SetupError::NoRoots(e) => Error::config("environment", "SSL_CERT_FILE/SSL_CERT_DIR", e),
+        other => Error::Other(format!("upstream: {other}")),
+    })?;
+    tracing::info!(roots = %upstream.roots(), "upstream TLS roots");
+    Ok(upstream)
+}
+
 /// Starts everything but the queue loop (so callers can reach the parts).
 pub async fn start(opts: &Options) -> Result<Daemon> {
     let settings = opts.load()?;
@@ -169,7 +183,7 @@ pub async fn start(opts: &Options) -> Result<Daemon> {
     let restored = restore_once(&keystore, RESTORE_AT_START).await;
     let mut runtime = build_runtime(&settings, pool.clone(), plugins, &clock)?;
     runtime.global = crate::global::gate_for(&settings.config, &settings.ring, &queue);
-    let upstream = Upstream::new(DEFAULT_TIMEOUT).map_err(|e| Error::Other(e.to_string()))?;
+    let upstream = upstream_client(&settings.config, &config_name(opts))?;
     let executor = Arc::new(Executor::new(runtime, upstream, clock.clone()));
     tracing::info!(
         keys = settings.ring.len(),

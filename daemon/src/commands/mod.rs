@@ -256,6 +256,12 @@ fn check_config(g: &GlobalArgs) -> Result<i32> {
     let table =
         crate::router::RouteTable::new(&settings.config, |p| !ring.for_provider(p).is_empty());
     let refused = check_plugins(g, &settings.config, &table)?;
+    // The HTTP client as `serve` builds it: CA file, roots, proxy.
+    let file = g
+        .config
+        .as_ref()
+        .map_or_else(|| "config".to_string(), |p| p.display().to_string());
+    let upstream = crate::serve::upstream_client(&settings.config, &file)?;
     if g.json {
         println!(
             "{}",
@@ -265,6 +271,7 @@ fn check_config(g: &GlobalArgs) -> Result<i32> {
                 "routes": table.routes().len(),
                 "report": report,
                 "refused_plugins": refused,
+                "tls_roots": upstream.roots().to_string(),
             }))
         );
     } else {
@@ -285,6 +292,10 @@ fn check_config(g: &GlobalArgs) -> Result<i32> {
         }
         for r in &refused {
             println!("warning: plugin refused: {r}");
+        }
+        println!("note: TLS roots: {}", upstream.roots());
+        if let Some(ca) = &settings.config.upstream.ca_file {
+            println!("note: also trusting the CA certificates in {ca}");
         }
     }
     Ok(exit::OK)

@@ -52,6 +52,9 @@ pub fn plugin_name(p: Protocol) -> &'static str {
 
 /// Builds a daemon config for these providers against the mock. Every
 /// catalog provider is disabled so only the test's providers route.
+///
+/// It has an `[upstream]` section (add lines to it with [`with_upstream`];
+/// `extra` must not open another one).
 pub fn config(
     redis: &RedisServer,
     mock: &MockServer,
@@ -59,9 +62,10 @@ pub fn config(
     extra: &str,
 ) -> String {
     let mut s = format!(
-        "[redis]\nurl = \"{}\"\n\n[plugins]\ndir = \"{}\"\n\n[admin]\nlisten = \"\"\n\n",
+        "[redis]\nurl = \"{}\"\n\n[plugins]\ndir = \"{}\"\n\n[admin]\nlisten = \"\"\n\n{}\n",
         redis.url(),
-        plugin_dir().display()
+        plugin_dir().display(),
+        upstream_section(mock)
     );
     s.push_str(extra);
     s.push('\n');
@@ -93,6 +97,31 @@ pub fn config(
         s.push('\n');
     }
     s
+}
+
+/// The `[upstream]` section of [`config`]: the mock serves HTTPS (HTTP/2 by
+/// ALPN) with a throwaway CA, trusted through `ca_file`, so every e2e suite
+/// takes the path users take. A mock started with `MockConfig::plain_http()`
+/// gets no `ca_file`.
+fn upstream_section(mock: &MockServer) -> String {
+    match mock.ca_file() {
+        Some(ca) => format!(
+            "{UPSTREAM_HEADER}ca_file = {}\n",
+            serde_json::to_string(&ca.display().to_string()).expect("a path as a string")
+        ),
+        None => UPSTREAM_HEADER.to_string(),
+    }
+}
+
+const UPSTREAM_HEADER: &str = "[upstream]\n";
+
+/// The config with `line` added to its `[upstream]` section.
+pub fn with_upstream(config: &str, line: &str) -> String {
+    assert!(
+        config.contains(UPSTREAM_HEADER),
+        "config has no [upstream] section"
+    );
+    config.replacen(UPSTREAM_HEADER, &format!("{UPSTREAM_HEADER}{line}\n"), 1)
 }
 
 /// Starts the mock in the current tokio runtime.
