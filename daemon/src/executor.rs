@@ -821,11 +821,13 @@ enum CallFailure {
     Network(NetError),
 }
 
-/// What a failed call says about the key: nothing, either way; a TLS
-/// failure is the setup's fault and does not even count against the key.
+/// What a failed call says about the key: nothing, either way. A TLS
+/// failure is the setup's fault and the request never reached the provider:
+/// the call counts as not sent, so it neither uses the key's capacity nor
+/// settles a probe (a disabled key stays disabled, an unproven one unproven).
 fn network_fate(e: &NetError) -> Fate {
     match e {
-        NetError::Tls(_) => Fate::Untouched,
+        NetError::Tls(_) => Fate::NotSent,
         _ => Fate::Transient,
     }
 }
@@ -992,6 +994,19 @@ impl JobHandler for ExecutorHandler {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_tls_failure_is_not_sent_and_other_network_failures_are_transient() {
+        // Untouched would settle a re-probe of a disabled key as good.
+        assert_eq!(
+            network_fate(&NetError::Tls("invalid peer certificate".into())),
+            Fate::NotSent
+        );
+        assert_eq!(
+            network_fate(&NetError::Connect("refused".into())),
+            Fate::Transient
+        );
+    }
 
     fn job(body: &str) -> Job {
         crate::job::parse_job(body.as_bytes(), 4096).expect("job parses")

@@ -1014,3 +1014,24 @@ fn keys_that_refused_a_request_as_too_large_are_skipped_for_it_and_never_when_al
     ));
     assert!(why.contains("too large"), "{why}");
 }
+
+#[test]
+fn a_probe_that_was_never_sent_leaves_the_key_disabled() {
+    // A TLS failure reaches no provider: the executor reports it as not
+    // sent, which must neither re-enable a disabled key nor push its probe.
+    let f = fixture(provider(Limits::default()), keys(1));
+    let bad = KeyId::new("groq", 0);
+    granted(f.pool.try_acquire(&req("m"))).report(Fate::Disabled {
+        reason: AUTH_FAILED.into(),
+    });
+    f.clock.advance(Duration::from_secs(30 * 60));
+    let probe = granted(f.pool.try_acquire(&req("m")));
+    assert!(probe.is_probe() && probe.key_id() == &bad);
+    probe.report(Fate::NotSent);
+    let snap = f.pool.key_snapshot(&bad).unwrap();
+    assert_eq!(snap.status, KeyStatus::Disabled);
+    assert_eq!(snap.reason.as_deref(), Some(AUTH_FAILED));
+    // The probe is due again at once: the next job re-tests the key.
+    let again = granted(f.pool.try_acquire(&req("m")));
+    assert!(again.is_probe() && again.key_id() == &bad);
+}
