@@ -431,3 +431,14 @@ fn daily_reset_is_a_time_and_an_iana_zone() {
         assert!(expected.contains(says), "{bad}: {expected}");
     }
 }
+
+#[test]
+fn the_catalog_resets_gemini_at_pacific_midnight() {
+    let cfg = load_layers(None, &no_env()).unwrap();
+    let gemini = &cfg.providers["gemini"].daily_reset;
+    assert_eq!(gemini.to_string(), "00:00 America/Los_Angeles");
+    // 2024-01-16T07:59:59Z is 23:59:59 PST on the 15th; a second on, the 16th.
+    let t = 1_705_391_999_000;
+    assert_eq!(gemini.next_after(t), t + 1_000);
+    assert_eq!(cfg.providers["openai"].daily_reset.to_string(), "00:00 UTC");
+}

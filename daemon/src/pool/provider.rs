@@ -193,10 +193,13 @@ pub(super) struct ProviderState {
     model_groups: Vec<Vec<u32>>,
     seq: u64,
     dirty: Vec<u32>,
-    /// Unflushed spend per day, and today's total.
+    /// Unflushed spend per day, and today's total (days are the provider's,
+    /// see `daily_reset`).
     spend: Vec<SpendDelta>,
     spend_day: u64,
     spend_today: f64,
+    /// The provider's current day, cached.
+    today: crate::calendar::CachedDay,
     pub events: Option<UnboundedSender<KeyEvent>>,
     /// Reused between calls: per-group cursors of a merged scan.
     cursors: Vec<(u32, Option<LoadKey>)>,
@@ -213,7 +216,8 @@ impl ProviderState {
     pub fn new(name: Arc<str>, settings: Settings, now: Now) -> ProviderState {
         ProviderState {
             spend: Vec::new(),
-            spend_day: now.day(),
+            spend_day: provider_day(&settings, now),
+            today: Default::default(),
             name,
             settings,
             keys: Vec::new(),
@@ -237,6 +241,7 @@ impl ProviderState {
     /// limiter, state and stats of every key whose id stays).
     pub fn sync(&mut self, settings: Settings, keys: &[ApiKey], now: Now) {
         self.settings = settings;
+        self.today = Default::default();
         let mut seen = vec![false; self.keys.len()];
         for key in keys {
             let cfg = LimiterConfig::for_key(&self.settings.provider, key);
@@ -873,10 +878,11 @@ impl ProviderState {
     ) {
         self.touch(idx, |e| e.in_flight = e.in_flight.saturating_sub(1));
         let charged = ticket.tokens();
-        let charged_day = ticket.day();
+        let charged_day = ticket.day().max(0) as u64;
         let admitted = ticket.admitted();
         let mut daily_tokens = charged;
-        let day = now.day();
+        // Usage is reported by UTC day; spend counts against the provider's day.
+        let day = now.utc_day();
         let reprobe = self.settings.keys.reprobe_interval;
         let cooldown = self.settings.cooldown();
         let mut refund = false;
@@ -987,7 +993,11 @@ impl ProviderState {
             usage_slot(&mut e.pending.usage, day, model).requests += 1;
         }
         if spent > 0.0 {
-            self.add_spend(spent, day);
+            let spend_day = self
+                .today
+                .day(&self.settings.provider.daily_reset, now.unix_ms)
+                .max(0) as u64;
+            self.add_spend(spent, spend_day);
         }
         self.mark_dirty(idx);
         match new_state {
@@ -1098,7 +1108,7 @@ impl ProviderState {
     }
 
     pub fn spend_today(&self, now: Now) -> f64 {
-        if self.spend_day == now.day() {
+        if self.spend_day == provider_day(&self.settings, now) {
             self.spend_today
         } else {
             0.0
@@ -1107,8 +1117,9 @@ impl ProviderState {
 
     /// Adds spend already recorded today (from storage).
     pub fn restore_spend(&mut self, usd: f64, now: Now) {
-        if self.spend_day != now.day() {
-            self.spend_day = now.day();
+        let today = provider_day(&self.settings, now);
+        if self.spend_day != today {
+            self.spend_day = today;
             self.spend_today = 0.0;
         }
         self.spend_today += usd;
@@ -1133,6 +1144,11 @@ impl ProviderState {
             }
         }
     }
+}
+
+/// The provider's day (see `daily_reset`) at `now`, as stored.
+fn provider_day(settings: &Settings, now: Now) -> u64 {
+    settings.provider.daily_reset.day_of(now.unix_ms).max(0) as u64
 }
 
 fn note(until: &mut Option<Duration>, t: Option<Duration>) {
