@@ -442,3 +442,23 @@ fn the_catalog_resets_gemini_at_pacific_midnight() {
     assert_eq!(gemini.next_after(t), t + 1_000);
     assert_eq!(cfg.providers["openai"].daily_reset.to_string(), "00:00 UTC");
 }
+
+#[test]
+fn a_key_entry_names_its_account() {
+    let cfg = load_from_str(
+        "[[providers.groq.keys]]\nkey_env = \"K1\"\naccount = \"team-a\"\n",
+        "test.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.providers["groq"].keys[0].account.as_deref(),
+        Some("team-a")
+    );
+    let (file, field, expected) =
+        err("[[providers.groq.keys]]\nkey_env = \"K1\"\naccount = \"a:b{c}\"\n");
+    assert_eq!(
+        (file.as_str(), field.as_str()),
+        ("test.toml", "providers.groq.keys[0].account")
+    );
+    assert!(expected.contains("account name"), "{expected}");
+}
