@@ -367,6 +367,8 @@ pub struct KeySnapshot {
     pub source: String,
     pub weight: u32,
     pub models: Vec<String>,
+    /// The account whose limits the key shares, if any.
+    pub account: Option<String>,
     pub status: KeyStatus,
     pub reason: Option<String>,
     pub cooldown_until_ms: Option<u64>,

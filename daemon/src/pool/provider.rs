@@ -16,7 +16,9 @@ use super::{
 use crate::config::{KeysConfig, ProviderConfig};
 use crate::job::Strategy;
 use crate::keys::{ApiKey, KeyId};
-use crate::limits::{Admission, Limiter, LimiterConfig, LocalLimiter, Now, Refusal, Ticket};
+use crate::limits::{
+    Admission, Limiter, LimiterConfig, LocalLimiter, Now, Refusal, SharedQuota, Ticket,
+};
 use rand::Rng;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -200,6 +202,8 @@ pub(super) struct ProviderState {
     spend_today: f64,
     /// The provider's current day, cached.
     today: crate::calendar::CachedDay,
+    /// Quota pools: each account's shared quota and its keys (indexes).
+    accounts: HashMap<String, (SharedQuota, Vec<u32>)>,
     pub events: Option<UnboundedSender<KeyEvent>>,
     /// Reused between calls: per-group cursors of a merged scan.
     cursors: Vec<(u32, Option<LoadKey>)>,
@@ -218,6 +222,7 @@ impl ProviderState {
             spend: Vec::new(),
             spend_day: provider_day(&settings, now),
             today: Default::default(),
+            accounts: HashMap::new(),
             name,
             settings,
             keys: Vec::new(),
@@ -242,9 +247,15 @@ impl ProviderState {
     pub fn sync(&mut self, settings: Settings, keys: &[ApiKey], now: Now) {
         self.settings = settings;
         self.today = Default::default();
+        self.sync_accounts(keys, now);
         let mut seen = vec![false; self.keys.len()];
         for key in keys {
             let cfg = LimiterConfig::for_key(&self.settings.provider, key);
+            let quota = key
+                .account
+                .as_ref()
+                .and_then(|a| self.accounts.get(a))
+                .map(|(q, _)| q.clone());
             let models = sorted_models(key);
             match self.by_instance.get(&key.id.instance()).copied() {
                 Some(idx) => {
@@ -255,6 +266,7 @@ impl ProviderState {
                     e.key = Arc::new(key.clone());
                     e.weight = key.weight;
                     e.limiter.reconfigure(cfg, now);
+                    e.limiter.share(quota.as_ref(), now);
                     e.retired = false;
                     if self.groups[e.group as usize].models != models {
                         let old = e.group as usize;
@@ -269,7 +281,10 @@ impl ProviderState {
                     let idx = self.keys.len() as u32;
                     self.keys.push(Entry {
                         key: Arc::new(key.clone()),
-                        limiter: Limiter::Local(LocalLimiter::new(cfg, now)),
+                        limiter: Limiter::Local(match &quota {
+                            Some(q) => LocalLimiter::sharing(cfg, q),
+                            None => LocalLimiter::new(cfg, now),
+                        }),
                         state: KeyState::Available,
                         probing: false,
                         retired: false,
@@ -291,6 +306,13 @@ impl ProviderState {
                 }
             }
         }
+        for key in keys {
+            let idx = self.by_instance.get(&key.id.instance()).copied();
+            let slot = key.account.as_ref().and_then(|a| self.accounts.get_mut(a));
+            if let (Some(idx), Some((_, members))) = (idx, slot) {
+                members.push(idx);
+            }
+        }
         for (i, kept) in seen.into_iter().enumerate() {
             if !kept && !self.keys[i].retired {
                 let idx = i as u32;
@@ -298,6 +320,54 @@ impl ProviderState {
                 self.keys[i].retired = true;
                 self.uncount_live(idx);
             }
+        }
+    }
+
+    /// One shared quota per account named by `keys` (an account that stays
+    /// keeps its quota's history); each account's limits are the strictest
+    /// of its keys' (see `LimiterConfig::for_account`).
+    fn sync_accounts(&mut self, keys: &[ApiKey], now: Now) {
+        let mut members: HashMap<&str, Vec<&ApiKey>> = HashMap::new();
+        for key in keys {
+            if let Some(a) = &key.account {
+                members.entry(a.as_str()).or_default().push(key);
+            }
+        }
+        let mut old = std::mem::take(&mut self.accounts);
+        for (name, ks) in members {
+            let cfg = LimiterConfig::for_account(&self.settings.provider, ks.iter().copied());
+            let quota = match old.remove(name) {
+                Some((q, _)) => {
+                    q.reconfigure(cfg, now);
+                    q
+                }
+                None => SharedQuota::new(cfg, now),
+            };
+            // Members are filled in once every key has its index.
+            self.accounts.insert(name.to_string(), (quota, Vec::new()));
+        }
+    }
+
+    /// The other keys of `idx`'s account that wait on its quota (parked
+    /// while available) go back to the ready set: room came back early.
+    fn wake_account(&mut self, idx: u32, now: Now) {
+        let Some(account) = self.keys[idx as usize].key.account.as_deref() else {
+            return;
+        };
+        let Some((_, members)) = self.accounts.get(account) else {
+            return;
+        };
+        let parked: Vec<u32> = members
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let e = &self.keys[i as usize];
+                i != idx && matches!(e.loc, Loc::Parked(_)) && e.state == KeyState::Available
+            })
+            .collect();
+        for i in parked {
+            self.detach(i);
+            self.place(i, now);
         }
     }
 
@@ -1000,6 +1070,9 @@ impl ProviderState {
             self.add_spend(spent, spend_day);
         }
         self.mark_dirty(idx);
+        if refund {
+            self.wake_account(idx, now);
+        }
         match new_state {
             Some(state) => self.set_state(idx, state, now, true),
             None => {
@@ -1054,6 +1127,7 @@ impl ProviderState {
             source: e.key.source.clone(),
             weight: e.key.weight,
             models: e.key.models.clone(),
+            account: e.key.account.clone(),
             status: record.status,
             reason: record.reason,
             cooldown_until_ms: record.until_ms,
