@@ -84,6 +84,12 @@ pub struct KeySpec {
     /// Limiter shape for this key (overrides [`MockConfig::shape`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shape: Option<Shape>,
+    /// The account (organization / project) the key belongs to. Keys of one
+    /// account share ONE limiter, as real providers limit per account: its
+    /// `rpm`, `tpm` and `shape` are those of the first key of the account the
+    /// server saw; the limits of later keys of the account are ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
 }
 
 impl KeySpec {
@@ -97,6 +103,7 @@ impl KeySpec {
             state: KeyState::Valid,
             latency_ms: None,
             shape: None,
+            account: None,
         }
     }
 
@@ -129,6 +136,12 @@ impl KeySpec {
         self.shape = Some(shape);
         self
     }
+
+    /// Puts the key in an account whose keys share one limiter.
+    pub fn account(mut self, account: impl Into<String>) -> Self {
+        self.account = Some(account.into());
+        self
+    }
 }
 
 impl fmt::Debug for KeySpec {
@@ -141,6 +154,7 @@ impl fmt::Debug for KeySpec {
             .field("state", &self.state)
             .field("latency_ms", &self.latency_ms)
             .field("shape", &self.shape)
+            .field("account", &self.account)
             .finish()
     }
 }
@@ -246,6 +260,46 @@ pub enum FailureKind {
     /// The protocol's rate-limit 429, with `retry_after_ms` as the hint.
     #[serde(rename = "rate_limited_429")]
     RateLimited429,
+    /// Groq's 413 for a request larger than the key's tokens-per-minute
+    /// limit (`type` `tokens`, `code` `rate_limit_exceeded`), on any route:
+    /// "Limit" is `limit` (else the key's `tpm`, else 6000), "Requested"
+    /// the request's charge (at least Limit + 1).
+    /// <https://console.groq.com/docs/errors>, <https://console.groq.com/docs/rate-limits>
+    #[serde(rename = "groq_tpm_413")]
+    GroqTpm413,
+    /// Gemini's 429 `RESOURCE_EXHAUSTED` for the free-tier requests-per-day
+    /// quota of the requested model (`QuotaFailure` quotaId
+    /// `GenerateRequestsPerDayPerProjectPerModel-FreeTier`), with `Help` and
+    /// `RetryInfo` details, on any route. `quotaValue` is `limit` (default
+    /// 250); the retry delay is `retry_after_ms` (default 41 s), as real
+    /// answers carry one even for daily quotas.
+    /// <https://ai.google.dev/gemini-api/docs/rate-limits>
+    #[serde(rename = "gemini_per_day_quota")]
+    GeminiPerDayQuota,
+    /// Gemini's 429 for the per-minute requests quota
+    /// (`GenerateRequestsPerMinutePerProjectPerModel-FreeTier`): `quotaValue`
+    /// is `limit` (else the key's `rpm`, else 10), `retryDelay` is
+    /// `retry_after_ms` (default 27 s), on any route.
+    #[serde(rename = "gemini_per_minute_quota")]
+    GeminiPerMinuteQuota,
+    /// The request is read and never answered: the connection is held open
+    /// until the server shuts down (then it is closed without a response).
+    #[serde(rename = "hang")]
+    Hang,
+    /// 200 OK with a `Content-Length` of `bytes` (default 100 MB) and a body
+    /// of exactly that size, streamed in 64 KiB chunks and never held in
+    /// memory: a valid JSON success of the protocol whose reply text is
+    /// padded with `a` (only padding if `bytes` is too small for the JSON).
+    #[serde(rename = "huge_body")]
+    HugeBody,
+    /// 200 OK with a chunked body that never ends (64 KiB chunks, one every
+    /// `delay_ms`, default 0 = as fast as the client reads), until shutdown.
+    #[serde(rename = "endless_body")]
+    EndlessBody,
+    /// 200 OK declaring a huge `Content-Length` (1 TiB) whose bytes trickle
+    /// forever: 16 bytes every `delay_ms` (default 100 ms), until shutdown.
+    #[serde(rename = "endless_content_length")]
+    EndlessContentLength,
 }
 
 impl FailureKind {
@@ -259,6 +313,13 @@ impl FailureKind {
             FailureKind::Reset => "reset",
             FailureKind::SlowBody => "slow_body",
             FailureKind::RateLimited429 => "rate_limited_429",
+            FailureKind::GroqTpm413 => "groq_tpm_413",
+            FailureKind::GeminiPerDayQuota => "gemini_per_day_quota",
+            FailureKind::GeminiPerMinuteQuota => "gemini_per_minute_quota",
+            FailureKind::Hang => "hang",
+            FailureKind::HugeBody => "huge_body",
+            FailureKind::EndlessBody => "endless_body",
+            FailureKind::EndlessContentLength => "endless_content_length",
         }
     }
 }
@@ -274,12 +335,21 @@ pub struct Injection {
     pub kind: FailureKind,
     #[serde(default = "one")]
     pub count: u32,
-    /// `slow_body`: delay between headers and body (default 1000 ms).
+    /// `slow_body`: delay between headers and body (default 1000 ms);
+    /// `endless_body` / `endless_content_length`: delay between chunks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay_ms: Option<u64>,
-    /// `rate_limited_429`: the retry hint (default 1000 ms).
+    /// `rate_limited_429`: the retry hint (default 1000 ms);
+    /// `gemini_per_day_quota` / `gemini_per_minute_quota`: the `retryDelay`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+    /// `huge_body`: the exact body size in bytes (default 100 MB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// `groq_tpm_413`: the TPM limit named in the message;
+    /// `gemini_per_*_quota`: the `quotaValue`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
 }
 
 impl Injection {
@@ -289,6 +359,8 @@ impl Injection {
             count,
             delay_ms: None,
             retry_after_ms: None,
+            bytes: None,
+            limit: None,
         }
     }
 
@@ -299,6 +371,18 @@ impl Injection {
 
     pub fn retry_after_ms(mut self, ms: u64) -> Self {
         self.retry_after_ms = Some(ms);
+        self
+    }
+
+    /// The body size of `huge_body`.
+    pub fn bytes(mut self, bytes: u64) -> Self {
+        self.bytes = Some(bytes);
+        self
+    }
+
+    /// The limit named by `groq_tpm_413` / `gemini_per_*_quota`.
+    pub fn limit(mut self, limit: u64) -> Self {
+        self.limit = Some(limit);
         self
     }
 }
@@ -340,6 +424,37 @@ mod tests {
         assert_eq!(inj.count, 1);
         assert_eq!(inj.kind.as_str(), "status_500");
         assert!(MockConfig::from_json(r#"{"windw_ms":1}"#).is_err());
+    }
+
+    #[test]
+    fn new_kinds_and_accounts_have_json_names() {
+        for (kind, name) in [
+            (FailureKind::GroqTpm413, "groq_tpm_413"),
+            (FailureKind::GeminiPerDayQuota, "gemini_per_day_quota"),
+            (FailureKind::GeminiPerMinuteQuota, "gemini_per_minute_quota"),
+            (FailureKind::Hang, "hang"),
+            (FailureKind::HugeBody, "huge_body"),
+            (FailureKind::EndlessBody, "endless_body"),
+            (FailureKind::EndlessContentLength, "endless_content_length"),
+        ] {
+            assert_eq!(kind.as_str(), name);
+            assert_eq!(serde_json::to_value(kind).unwrap(), name);
+        }
+        let inj: Injection =
+            serde_json::from_str(r#"{"kind":"huge_body","bytes":1000,"limit":7}"#).unwrap();
+        assert_eq!(
+            inj,
+            Injection::new(FailureKind::HugeBody, 1)
+                .bytes(1000)
+                .limit(7)
+        );
+        let c =
+            MockConfig::from_json(r#"{"keys":[{"key":"sk-abcdefghijklmnop","account":"acme"}]}"#)
+                .unwrap();
+        assert_eq!(
+            c.keys[0],
+            KeySpec::new("sk-abcdefghijklmnop").account("acme")
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub use config::{
     FailureKind, InjectRequest, Injection, KeySpec, KeyState, MockConfig, Protocol, Shape,
 };
 pub use format::{go_duration, mask_key, rfc3339_ms};
-pub use state::{KeyStats, Stats, UNKNOWN_LABEL};
+pub use state::{AccountStats, KeyStats, Stats, UNKNOWN_LABEL};
 
 use axum::serve::ListenerExt;
 use state::Shared;
@@ -151,6 +151,7 @@ impl MockServer {
 
     /// Stops the server, letting in-flight requests finish for a moment.
     pub async fn shutdown(mut self) {
+        self.shared.close();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -167,6 +168,7 @@ impl MockServer {
 
 impl Drop for MockServer {
     fn drop(&mut self) {
+        self.shared.close();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

@@ -7,9 +7,14 @@ use crate::format::mask_key;
 use crate::limiter::{Decision, Dim, Rejection};
 use crate::state::{KeyEntry, KeyView, Outcome, Shared};
 use crate::wire::anthropic::Anthropic;
+use crate::wire::gemini::QuotaPeriod;
 use crate::wire::gemini::{self, Gemini};
+use crate::wire::openai::groq_tpm_413;
 use crate::wire::openai::OpenAi;
-use crate::wire::{connection_reset, reply, ServerError, Wire, WireResponse};
+use crate::wire::{
+    connection_reset, endless_body, endless_content_length, huge_body, reply, until_closed,
+    ServerError, Wire, WireResponse,
+};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -24,6 +29,15 @@ use std::time::Duration;
 
 const DEFAULT_SLOW_BODY_MS: u64 = 1_000;
 const DEFAULT_RETRY_AFTER_MS: u64 = 1_000;
+/// Groq's free-tier TPM of `llama-3.1-8b-instant`, when neither the
+/// injection nor the key sets one.
+const DEFAULT_GROQ_TPM: u64 = 6_000;
+const DEFAULT_GEMINI_RPD: u64 = 250;
+const DEFAULT_GEMINI_RPM: u64 = 10;
+const DEFAULT_GEMINI_DAY_RETRY_MS: u64 = 41_000;
+const DEFAULT_GEMINI_MINUTE_RETRY_MS: u64 = 27_000;
+const DEFAULT_HUGE_BODY_BYTES: u64 = 100_000_000;
+const DEFAULT_TRICKLE_MS: u64 = 100;
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -105,7 +119,7 @@ async fn pipeline<W: Wire>(
     if let Some(injection) = s.take_injection(key.as_deref(), &view.label) {
         entry.record(Outcome::Injected(injection.kind), key_in_url);
         pause(latency).await;
-        return injected::<W>(s, &entry, id, &injection, headers, path_model, body);
+        return injected::<W>(s, &entry, id, &injection, headers, path_model, body).await;
     }
 
     let response = screen::<W>(
@@ -180,7 +194,7 @@ fn screen<W: Wire>(
     }
 }
 
-fn injected<W: Wire>(
+async fn injected<W: Wire>(
     s: &Shared,
     entry: &KeyEntry,
     id: u64,
@@ -220,7 +234,69 @@ fn injected<W: Wire>(
             };
             W::rate_limited(id, &model, &rej, &snap).into_response()
         }
+        FailureKind::GroqTpm413 => {
+            let parsed = W::parse(id, body, headers, path_model).ok();
+            let limit = injection
+                .limit
+                .or(entry.limits().1)
+                .unwrap_or(DEFAULT_GROQ_TPM);
+            let requested = parsed.as_ref().map_or(0, |p| p.charge()).max(limit + 1);
+            let model = model_of(parsed.as_ref(), path_model);
+            groq_tpm_413(id, &model, limit, requested).into_response()
+        }
+        FailureKind::GeminiPerDayQuota | FailureKind::GeminiPerMinuteQuota => {
+            let parsed = W::parse(id, body, headers, path_model).ok();
+            let model = model_of(parsed.as_ref(), path_model);
+            let (period, limit, retry_ms) = if injection.kind == FailureKind::GeminiPerDayQuota {
+                (
+                    QuotaPeriod::Day,
+                    injection.limit.unwrap_or(DEFAULT_GEMINI_RPD),
+                    injection
+                        .retry_after_ms
+                        .unwrap_or(DEFAULT_GEMINI_DAY_RETRY_MS),
+                )
+            } else {
+                (
+                    QuotaPeriod::Minute,
+                    injection
+                        .limit
+                        .or(entry.limits().0.map(u64::from))
+                        .unwrap_or(DEFAULT_GEMINI_RPM),
+                    injection
+                        .retry_after_ms
+                        .unwrap_or(DEFAULT_GEMINI_MINUTE_RETRY_MS),
+                )
+            };
+            gemini::quota_exhausted(&model, period, limit, retry_ms).into_response()
+        }
+        FailureKind::Hang => {
+            until_closed(&mut s.closing()).await;
+            connection_reset()
+        }
+        FailureKind::HugeBody => {
+            let parsed = W::parse(id, body, headers, path_model).ok();
+            let model = model_of(parsed.as_ref(), path_model);
+            let bytes = injection.bytes.unwrap_or(DEFAULT_HUGE_BODY_BYTES);
+            huge_body(W::PROTOCOL, &model, bytes)
+        }
+        FailureKind::EndlessBody => {
+            let delay = Duration::from_millis(injection.delay_ms.unwrap_or(0));
+            endless_body(s.closing(), delay)
+        }
+        FailureKind::EndlessContentLength => {
+            let delay = Duration::from_millis(injection.delay_ms.unwrap_or(DEFAULT_TRICKLE_MS));
+            endless_content_length(s.closing(), delay)
+        }
     }
+}
+
+/// The model of a request: from its body, else from the URL (Gemini).
+fn model_of(parsed: Option<&crate::wire::Parsed>, path_model: Option<&str>) -> String {
+    parsed
+        .map(|p| p.model.clone())
+        .filter(|m| !m.is_empty())
+        .or_else(|| path_model.map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 async fn stats(State(s): State<Arc<Shared>>) -> Response {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// The label under which requests with unconfigured or missing keys are counted.
@@ -30,6 +31,31 @@ pub struct Stats {
     pub window_ms: u64,
     /// Per key, by label (never the raw key).
     pub keys: BTreeMap<String, KeyStats>,
+    /// Per account ([`KeySpec::account`]): the ground truth of the limiter
+    /// its keys share.
+    pub accounts: BTreeMap<String, AccountStats>,
+}
+
+/// Counters of one account, over all its keys.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AccountStats {
+    /// Labels of the keys in the account, sorted.
+    pub keys: Vec<String>,
+    /// Requests of the account's keys served with a normal success.
+    pub accepted: u64,
+    /// Requests refused by the account's shared limits.
+    pub rejected_429: u64,
+    /// Tokens charged by accepted requests.
+    pub tokens_charged: u64,
+    /// Most accepted requests of all the account's keys together in any
+    /// `window_ms` interval of the run.
+    pub peak_window_accepted: u64,
+    /// Most charged tokens of the account in any `window_ms` interval.
+    pub peak_window_tokens: u64,
+    /// The shared limits (those of the account's first key).
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
 }
 
 /// Counters of one key.
@@ -57,6 +83,8 @@ pub struct KeyStats {
     pub key_in_url: u64,
     pub rpm: Option<u32>,
     pub tpm: Option<u64>,
+    /// The key's account, if any (its limits are then the account's).
+    pub account: Option<String>,
 }
 
 /// What happened to one request (the stats `outcomes` keys).
@@ -114,13 +142,55 @@ impl Counters {
     }
 }
 
+/// A limiter and the requests it admitted: one per key, or one per account
+/// shared by all the account's keys.
+pub(crate) struct LimitGroup {
+    limiter: Limiter,
+    rpm: Option<u32>,
+    tpm: Option<u64>,
+    accepted: u64,
+    rejected_429: u64,
+    tokens_charged: u64,
+    /// Every request admitted by this limiter: (ns since start, tokens charged).
+    history: Vec<(u64, u64)>,
+}
+
+type Group = Arc<Mutex<LimitGroup>>;
+
+impl LimitGroup {
+    fn new(spec: Option<&KeySpec>, shape: Shape, window_ns: u64) -> Group {
+        let (rpm, tpm, shape) = match spec {
+            Some(s) => (s.rpm, s.tpm, s.shape.unwrap_or(shape)),
+            None => (None, None, shape),
+        };
+        Arc::new(Mutex::new(LimitGroup {
+            limiter: Limiter::new(shape, rpm, tpm, window_ns),
+            rpm,
+            tpm,
+            accepted: 0,
+            rejected_429: 0,
+            tokens_charged: 0,
+            history: Vec::new(),
+        }))
+    }
+
+    fn reset_stats(&mut self) {
+        self.accepted = 0;
+        self.rejected_429 = 0;
+        self.tokens_charged = 0;
+        self.history = Vec::new();
+    }
+}
+
 struct KeyInner {
     label: Arc<str>,
     state: KeyState,
     latency_ms: Option<u64>,
     rpm: Option<u32>,
     tpm: Option<u64>,
-    limiter: Limiter,
+    account: Option<String>,
+    /// The key's own limiter, or its account's.
+    group: Group,
     counters: Counters,
     /// Every accepted request of the run: (ns since start, tokens charged).
     history: Vec<(u64, u64)>,
@@ -150,16 +220,10 @@ impl Drop for InFlight<'_> {
 }
 
 impl KeyEntry {
-    fn new(label: Arc<str>, spec: Option<&KeySpec>, shape: Shape, window_ns: u64) -> Self {
-        let (state, latency_ms, rpm, tpm, shape) = match spec {
-            Some(s) => (
-                s.state,
-                s.latency_ms,
-                s.rpm,
-                s.tpm,
-                s.shape.unwrap_or(shape),
-            ),
-            None => (KeyState::Valid, None, None, None, shape),
+    fn new(label: Arc<str>, spec: Option<&KeySpec>, group: Group) -> Self {
+        let (state, latency_ms, rpm, tpm, account) = match spec {
+            Some(s) => (s.state, s.latency_ms, s.rpm, s.tpm, s.account.clone()),
+            None => (KeyState::Valid, None, None, None, None),
         };
         KeyEntry {
             inner: Mutex::new(KeyInner {
@@ -168,7 +232,8 @@ impl KeyEntry {
                 latency_ms,
                 rpm,
                 tpm,
-                limiter: Limiter::new(shape, rpm, tpm, window_ns),
+                account,
+                group,
                 counters: Counters::default(),
                 history: Vec::new(),
             }),
@@ -177,15 +242,17 @@ impl KeyEntry {
         }
     }
 
-    /// Replaces the key's settings and limiter, keeping its counters.
-    fn respec(&self, label: Arc<str>, spec: &KeySpec, shape: Shape, window_ns: u64) {
+    /// Replaces the key's settings and limiter (a fresh one, or its
+    /// account's), keeping its counters.
+    fn respec(&self, label: Arc<str>, spec: &KeySpec, group: Group) {
         let mut g = lock(&self.inner);
         g.label = label;
         g.state = spec.state;
         g.latency_ms = spec.latency_ms;
         g.rpm = spec.rpm;
         g.tpm = spec.tpm;
-        g.limiter = Limiter::new(spec.shape.unwrap_or(shape), spec.rpm, spec.tpm, window_ns);
+        g.account = spec.account.clone();
+        g.group = group;
     }
 
     pub fn enter(&self) -> InFlight<'_> {
@@ -209,19 +276,26 @@ impl KeyEntry {
     }
 
     /// Checks the limits on arrival and counts the request either way.
-    /// The time is read under the lock so each key's history stays sorted.
+    /// The time is read under both locks (key, then its limit group) so the
+    /// histories of the key and of its account stay sorted.
     pub fn admit(&self, epoch: Instant, charge: u64, key_in_url: bool) -> Decision {
         let mut g = lock(&self.inner);
+        let group = g.group.clone();
+        let mut grp = lock(&group);
         let now = epoch.elapsed().as_nanos() as u64;
-        let decision = g.limiter.check(now, charge);
+        let decision = grp.limiter.check(now, charge);
         match decision {
             Decision::Accepted(_) => {
+                grp.accepted += 1;
+                grp.tokens_charged += charge;
+                grp.history.push((now, charge));
                 g.counters.count(Outcome::Ok, key_in_url);
                 g.counters.accepted += 1;
                 g.counters.tokens_charged += charge;
                 g.history.push((now, charge));
             }
             Decision::Rejected(..) => {
+                grp.rejected_429 += 1;
                 g.counters.count(Outcome::RateLimited, key_in_url);
                 g.counters.rejected_429 += 1;
             }
@@ -231,9 +305,16 @@ impl KeyEntry {
 
     /// The limiter state, for headers on responses that did not go through it.
     pub fn snapshot(&self, epoch: Instant) -> Snapshot {
-        let mut g = lock(&self.inner);
+        let group = lock(&self.inner).group.clone();
+        let mut grp = lock(&group);
         let now = epoch.elapsed().as_nanos() as u64;
-        g.limiter.snapshot(now)
+        grp.limiter.snapshot(now)
+    }
+
+    /// The key's configured `rpm` / `tpm`.
+    pub fn limits(&self) -> (Option<u32>, Option<u64>) {
+        let g = lock(&self.inner);
+        (g.rpm, g.tpm)
     }
 
     fn reset_stats(&self) {
@@ -262,10 +343,15 @@ pub(crate) struct Shared {
     pub default_latency_ms: u64,
     pub contexts: HashMap<String, u64>,
     keys: RwLock<HashMap<String, Arc<KeyEntry>>>,
+    /// The shared limiter of each account (only changed under `keys`' write lock).
+    accounts: Mutex<BTreeMap<String, Group>>,
     unknown: Arc<KeyEntry>,
     injections: Mutex<VecDeque<PendingInjection>>,
     pending: AtomicUsize,
     seq: AtomicU64,
+    /// Becomes `true` when the server shuts down: ends hanging requests and
+    /// endless bodies.
+    closing: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -285,18 +371,29 @@ impl Shared {
                 .map(|(k, v)| (k.clone(), *v))
                 .collect(),
             keys: RwLock::new(HashMap::new()),
+            accounts: Mutex::new(BTreeMap::new()),
             unknown: Arc::new(KeyEntry::new(
                 Arc::from(UNKNOWN_LABEL),
                 None,
-                config.shape,
-                window_ns,
+                LimitGroup::new(None, config.shape, window_ns),
             )),
             injections: Mutex::new(VecDeque::new()),
             pending: AtomicUsize::new(0),
             seq: AtomicU64::new(0),
+            closing: watch::Sender::new(false),
         };
         shared.add_keys(&config.keys);
         shared
+    }
+
+    /// Tells hanging requests and endless bodies that the server is stopping.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// A receiver that turns `true` when the server stops.
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 
     /// A fresh id for response and request ids.
@@ -335,10 +432,17 @@ impl Shared {
             }
             labels.push(label.clone());
             let label: Arc<str> = Arc::from(label);
+            let group = match &spec.account {
+                Some(account) => lock(&self.accounts)
+                    .entry(account.clone())
+                    .or_insert_with(|| LimitGroup::new(Some(spec), self.shape, self.window_ns))
+                    .clone(),
+                None => LimitGroup::new(Some(spec), self.shape, self.window_ns),
+            };
             match keys.get(&spec.key) {
-                Some(entry) => entry.respec(label, spec, self.shape, self.window_ns),
+                Some(entry) => entry.respec(label, spec, group),
                 None => {
-                    let entry = KeyEntry::new(label, Some(spec), self.shape, self.window_ns);
+                    let entry = KeyEntry::new(label, Some(spec), group);
                     keys.insert(spec.key.clone(), Arc::new(entry));
                 }
             }
@@ -384,6 +488,17 @@ impl Shared {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
         for e in keys.values() {
             e.reset_stats();
+            // A key without an account owns its group.
+            let (group, own) = {
+                let g = lock(&e.inner);
+                (g.group.clone(), g.account.is_none())
+            };
+            if own {
+                lock(&group).reset_stats();
+            }
+        }
+        for group in lock(&self.accounts).values() {
+            lock(group).reset_stats();
         }
         self.unknown.reset_stats();
     }
@@ -396,6 +511,7 @@ impl Shared {
             max_in_flight: u64,
             rpm: Option<u32>,
             tpm: Option<u64>,
+            account: Option<String>,
         }
         let mut by_label: BTreeMap<String, Acc> = BTreeMap::new();
         let entries: Vec<Arc<KeyEntry>> = {
@@ -408,7 +524,7 @@ impl Shared {
             .map(|e| (e, true))
             .chain(std::iter::once((&unknown, false)))
         {
-            let (label, c, history, rpm, tpm) = {
+            let (label, c, history, rpm, tpm, account) = {
                 let g = lock(&entry.inner);
                 if !always && g.counters.calls == 0 {
                     continue;
@@ -419,6 +535,7 @@ impl Shared {
                     g.history.clone(),
                     g.rpm,
                     g.tpm,
+                    g.account.clone(),
                 )
             };
             let max_in_flight = entry.max_in_flight.load(Ordering::Relaxed);
@@ -446,6 +563,7 @@ impl Shared {
                             max_in_flight,
                             rpm,
                             tpm,
+                            account,
                         },
                     );
                 }
@@ -455,6 +573,40 @@ impl Shared {
             window_ms: self.window_ms,
             ..Stats::default()
         };
+        for (label, acc) in &by_label {
+            if let Some(account) = &acc.account {
+                let a = stats.accounts.entry(account.clone()).or_default();
+                a.keys.push(label.clone());
+            }
+        }
+        let groups: Vec<(String, Group)> = lock(&self.accounts)
+            .iter()
+            .map(|(name, g)| (name.clone(), g.clone()))
+            .collect();
+        for (name, group) in groups {
+            let (accepted, rejected_429, tokens_charged, history, rpm, tpm) = {
+                let g = lock(&group);
+                (
+                    g.accepted,
+                    g.rejected_429,
+                    g.tokens_charged,
+                    g.history.clone(),
+                    g.rpm,
+                    g.tpm,
+                )
+            };
+            // An account whose keys all moved elsewhere has no keys left.
+            let a = stats.accounts.entry(name).or_default();
+            let (peak_n, peak_t) = peak_window(&history, self.window_ns);
+            a.keys.sort();
+            a.accepted = accepted;
+            a.rejected_429 = rejected_429;
+            a.tokens_charged = tokens_charged;
+            a.peak_window_accepted = peak_n;
+            a.peak_window_tokens = peak_t;
+            a.rpm = rpm;
+            a.tpm = tpm;
+        }
         for (label, mut acc) in by_label {
             if acc.merged {
                 acc.history.sort_unstable();
@@ -482,6 +634,7 @@ impl Shared {
                     key_in_url: acc.c.key_in_url,
                     rpm: acc.rpm,
                     tpm: acc.tpm,
+                    account: acc.account,
                 },
             );
         }

@@ -7,6 +7,7 @@ use super::{
     content_parts, content_text, retry_hint, u64_field, Estimate, Parsed, Reply, ServerError, Wire,
     WireResponse,
 };
+use crate::config::Protocol;
 use crate::format::{ns_to_ms_ceil, rfc3339_ms, unix_ms_now};
 use crate::limiter::{Dim, Rejection, Snapshot};
 use axum::http::HeaderMap;
@@ -58,6 +59,8 @@ fn with_limits(mut r: WireResponse, snap: &Snapshot) -> WireResponse {
 }
 
 impl Wire for Anthropic {
+    const PROTOCOL: Protocol = Protocol::Anthropic;
+
     fn parse(
         id: u64,
         body: &[u8],

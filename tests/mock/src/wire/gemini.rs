@@ -7,6 +7,7 @@ use super::{
     max_tokens_or_default, retry_hint, text_part, u64_field, Estimate, Parsed, PartTokens, Reply,
     ServerError, Wire, WireResponse,
 };
+use crate::config::Protocol;
 use crate::limiter::{Dim, Rejection, Snapshot};
 use axum::http::HeaderMap;
 use serde_json::{json, Value};
@@ -81,7 +82,70 @@ fn text(content: &Value) -> String {
         .unwrap_or_default()
 }
 
+/// The period of a Gemini free-tier requests quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QuotaPeriod {
+    Minute,
+    Day,
+}
+
+/// Gemini's 429 `RESOURCE_EXHAUSTED` for a free-tier requests quota of one
+/// model, with the details real answers carry (in their order: `Help`,
+/// `QuotaFailure`, `RetryInfo`). The per-day `quotaId` names the period
+/// (`PerDay`) and `quotaDimensions` the model: the quota is per project and
+/// per model and resets at midnight Pacific
+/// (<https://ai.google.dev/gemini-api/docs/rate-limits>,
+/// <https://ai.google.dev/gemini-api/docs/troubleshooting>). Real per-day
+/// answers still carry a short `RetryInfo`, which does not mean the quota
+/// is back by then.
+pub(crate) fn quota_exhausted(
+    model: &str,
+    period: QuotaPeriod,
+    limit: u64,
+    retry_ms: u64,
+) -> WireResponse {
+    let metric = "generativelanguage.googleapis.com/generate_content_free_tier_requests";
+    let quota_id = match period {
+        QuotaPeriod::Minute => "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+        QuotaPeriod::Day => "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+    };
+    let message = format!(
+        "You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits. To monitor your current usage, head to: https://ai.dev/rate-limit. \n* Quota exceeded for metric: {metric}, limit: {limit}, model: {model}\nPlease retry in {}.{:03}s.",
+        retry_ms / 1000,
+        retry_ms % 1000
+    );
+    error(
+        429,
+        "RESOURCE_EXHAUSTED",
+        &message,
+        vec![
+            json!({
+                "@type": "type.googleapis.com/google.rpc.Help",
+                "links": [{
+                    "description": "Learn more about Gemini API quotas",
+                    "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+                }],
+            }),
+            json!({
+                "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                "violations": [{
+                    "quotaMetric": metric,
+                    "quotaId": quota_id,
+                    "quotaDimensions": {"location": "global", "model": model},
+                    "quotaValue": limit.to_string(),
+                }],
+            }),
+            json!({
+                "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                "retryDelay": format!("{}s", crate::format::ms_to_secs_ceil(retry_ms)),
+            }),
+        ],
+    )
+}
+
 impl Wire for Gemini {
+    const PROTOCOL: Protocol = Protocol::Gemini;
+
     fn parse(
         _id: u64,
         body: &[u8],

@@ -8,13 +8,16 @@ pub(crate) mod anthropic;
 pub(crate) mod gemini;
 pub(crate) mod openai;
 
+use crate::config::Protocol;
 use crate::limiter::{Rejection, Snapshot};
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use llmq_sdk::estimate::{text_tokens, DEFAULT_MAX_TOKENS, PER_IMAGE_TOKENS, PER_MESSAGE_TOKENS};
 use serde_json::Value;
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// What the pipeline needs from a request body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,8 +150,143 @@ pub(crate) fn connection_reset() -> Response {
     (StatusCode::OK, Body::from_stream(stream)).into_response()
 }
 
+/// Resolves once the server is stopping (or its state is gone).
+pub(crate) async fn until_closed(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|closing| *closing).await;
+}
+
+fn stopping() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "mock server stopping",
+    )
+}
+
+/// Size of the chunks of the generated bodies.
+const CHUNK: usize = 64 << 10;
+
+/// The JSON around the padded reply text of a `huge_body` success.
+fn huge_frame(protocol: Protocol, model: &str) -> (String, &'static str) {
+    let model = serde_json::to_string(model).unwrap_or_else(|_| "\"unknown\"".to_owned());
+    match protocol {
+        Protocol::OpenAi => (
+            format!(
+                r#"{{"id":"chatcmpl-mockhuge","object":"chat.completion","created":0,"model":{model},"choices":[{{"index":0,"message":{{"role":"assistant","content":""#
+            ),
+            r#""},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
+        ),
+        Protocol::Anthropic => (
+            format!(
+                r#"{{"id":"msg_mockhuge","type":"message","role":"assistant","model":{model},"content":[{{"type":"text","text":""#
+            ),
+            r#""}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":1,"output_tokens":1}}"#,
+        ),
+        Protocol::Gemini => (
+            r#"{"candidates":[{"content":{"parts":[{"text":""#.to_owned(),
+            r#""}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":1,"candidatesTokenCount":1,"totalTokenCount":2}}"#,
+        ),
+    }
+}
+
+/// A 200 success of exactly `bytes` bytes (`Content-Length` set), streamed
+/// in 64 KiB slices of one shared buffer: the whole body never exists in
+/// memory. Below the size of the JSON frame the body is only padding.
+pub(crate) fn huge_body(protocol: Protocol, model: &str, bytes: u64) -> Response {
+    let (prefix, suffix) = huge_frame(protocol, model);
+    let frame = (prefix.len() + suffix.len()) as u64;
+    let (head, pad, tail) = if bytes >= frame {
+        (
+            Bytes::from(prefix),
+            bytes - frame,
+            Bytes::from_static(suffix.as_bytes()),
+        )
+    } else {
+        (Bytes::new(), bytes, Bytes::new())
+    };
+    let padding = Bytes::from(vec![b'a'; CHUNK]);
+    let pads = futures::stream::unfold(pad, move |left| {
+        let padding = padding.clone();
+        async move {
+            (left > 0).then(|| {
+                let n = left.min(CHUNK as u64);
+                (padding.slice(..n as usize), left - n)
+            })
+        }
+    });
+    let stream = futures::stream::once(async move { head })
+        .chain(pads)
+        .chain(futures::stream::once(async move { tail }))
+        .filter(|b| futures::future::ready(!b.is_empty()))
+        .map(Ok::<_, std::io::Error>);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes));
+    (StatusCode::OK, headers, Body::from_stream(stream)).into_response()
+}
+
+/// A 200 whose chunked body never ends: 64 KiB chunks, `delay` apart.
+/// When the server stops, the body fails and the connection is closed.
+pub(crate) fn endless_body(closing: watch::Receiver<bool>, delay: Duration) -> Response {
+    let chunk = Bytes::from(vec![b' '; CHUNK]);
+    let head = Bytes::from_static(br#"{"choices":[{"message":{"content":""#);
+    endless(closing, head, chunk, delay, None)
+}
+
+/// A 200 declaring a 1 TiB `Content-Length` whose bytes trickle forever,
+/// 16 bytes every `delay`, until the server stops.
+pub(crate) fn endless_content_length(closing: watch::Receiver<bool>, delay: Duration) -> Response {
+    let chunk = Bytes::from_static(b"aaaaaaaaaaaaaaaa");
+    let head = Bytes::from_static(br#"{"choices":[{"message":{"content":""#);
+    endless(closing, head, chunk, delay, Some(1 << 40))
+}
+
+fn endless(
+    closing: watch::Receiver<bool>,
+    head: Bytes,
+    chunk: Bytes,
+    delay: Duration,
+    content_length: Option<u64>,
+) -> Response {
+    let first = futures::stream::once(async move { Ok::<_, std::io::Error>(head) });
+    let rest = futures::stream::unfold(Some(closing), move |rx| {
+        let chunk = chunk.clone();
+        async move {
+            let mut rx = rx?;
+            if *rx.borrow() {
+                return Some((Err(stopping()), None));
+            }
+            if delay.is_zero() {
+                return Some((Ok(chunk), Some(rx)));
+            }
+            tokio::select! {
+                _ = until_closed(&mut rx) => Some((Err(stopping()), None)),
+                _ = tokio::time::sleep(delay) => Some((Ok(chunk), Some(rx))),
+            }
+        }
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(len) = content_length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    (
+        StatusCode::OK,
+        headers,
+        Body::from_stream(first.chain(rest)),
+    )
+        .into_response()
+}
+
 /// Serves one protocol: parses its requests and renders its answers.
 pub(crate) trait Wire {
+    /// The protocol this implementation serves.
+    const PROTOCOL: Protocol;
     /// Parses and validates a request body. `path_model` is the model from
     /// the URL (Gemini). Errors are the protocol's 400 bodies.
     fn parse(

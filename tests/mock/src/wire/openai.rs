@@ -6,6 +6,7 @@ use super::{
     content_parts, content_text, max_tokens_or_default, retry_hint, u64_field, Estimate, Parsed,
     Reply, ServerError, Wire, WireResponse,
 };
+use crate::config::Protocol;
 use crate::format::{go_duration, ns_to_ms_ceil, unix_ms_now};
 use crate::limiter::{Dim, Rejection, Snapshot};
 use axum::http::HeaderMap;
@@ -63,7 +64,26 @@ fn with_limits(mut r: WireResponse, snap: &Snapshot) -> WireResponse {
     r
 }
 
+/// Groq's 413 for a request larger than the key's tokens-per-minute limit,
+/// as Groq's OpenAI-compatible API sends it (error docs:
+/// <https://console.groq.com/docs/errors>, limits:
+/// <https://console.groq.com/docs/rate-limits>): `type` `tokens`, `code`
+/// `rate_limit_exceeded`, no `param`. Waiting does not help: the request
+/// alone is above the limit.
+pub(crate) fn groq_tpm_413(id: u64, model: &str, limit: u64, requested: u64) -> WireResponse {
+    let message = format!(
+        "Request too large for model `{model}` in organization `org_01mockmockmockmockmockmock` service tier `on_demand` on tokens per minute (TPM): Limit {limit}, Requested {requested}, please reduce your message size and try again. Visit https://console.groq.com/docs/rate-limits for more information."
+    );
+    WireResponse::json(
+        413,
+        &json!({"error": {"message": message, "type": "tokens", "code": "rate_limit_exceeded"}}),
+    )
+    .header("x-request-id", request_id(id))
+}
+
 impl Wire for OpenAi {
+    const PROTOCOL: Protocol = Protocol::OpenAi;
+
     fn parse(
         id: u64,
         body: &[u8],

@@ -93,3 +93,18 @@ pub async fn json_of(r: reqwest::Response) -> (u16, Value) {
     let status = r.status().as_u16();
     (status, r.json().await.unwrap())
 }
+
+/// Polls `cond` until it holds (the mock crate cannot use llmq-testkit, which
+/// depends on it); panics after `timeout`.
+pub async fn wait_for(timeout: std::time::Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(1);
+    while !cond() {
+        assert!(
+            start.elapsed() <= timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
+    }
+}
