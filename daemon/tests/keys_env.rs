@@ -601,6 +601,12 @@ fn shipped_example_file_loads_cleanly() {
         gemini1.source
     );
     assert_eq!(ring.get(&id("groq#10")).unwrap().weight, 2);
+    for k in ["gemini#0", "gemini#1"] {
+        assert_eq!(
+            ring.get(&id(k)).unwrap().account.as_deref(),
+            Some("my-project")
+        );
+    }
     let report = ring.report();
     assert!(report.merged.is_empty() && report.renumbered.is_empty() && report.skipped.is_empty());
     assert!(report.unknown_prefixes.is_empty() && report.unused_overrides.is_empty());
