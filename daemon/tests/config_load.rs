@@ -462,3 +462,26 @@ fn a_key_entry_names_its_account() {
     );
     assert!(expected.contains("account name"), "{expected}");
 }
+
+#[test]
+fn a_bad_daily_reset_in_env_names_the_variable() {
+    let env: BTreeMap<String, String> =
+        [("LLMQ__PROVIDERS__GEMINI__DAILY_RESET", "00:00 Mars/Olympus")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    let e = load_layers(None, &env).unwrap_err().to_string();
+    assert!(e.contains("LLMQ__PROVIDERS__GEMINI__DAILY_RESET"), "{e}");
+    assert!(e.contains("providers.gemini.daily_reset"), "{e}");
+    assert!(e.contains("Mars/Olympus"), "{e}");
+    let env: BTreeMap<String, String> =
+        [("LLMQ__PROVIDERS__GROQ__DAILY_RESET", "05:30 Asia/Kolkata")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    let cfg = load_layers(None, &env).unwrap();
+    assert_eq!(
+        cfg.providers["groq"].daily_reset.to_string(),
+        "05:30 Asia/Kolkata"
+    );
+}
