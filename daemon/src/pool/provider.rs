@@ -16,9 +16,7 @@ use super::{
 use crate::config::{KeysConfig, ProviderConfig};
 use crate::job::Strategy;
 use crate::keys::{ApiKey, KeyId};
-use crate::limits::{
-    Admission, Limiter, LimiterConfig, LocalLimiter, Now, Refusal, SharedQuota, Ticket,
-};
+use crate::limits::{Admission, Limiter, LimiterConfig, LocalLimiter, Now, Refusal, Ticket};
 use rand::Rng;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -203,7 +201,7 @@ pub(super) struct ProviderState {
     /// The provider's current day, cached.
     today: crate::calendar::CachedDay,
     /// Quota pools: each account's shared quota and its keys (indexes).
-    accounts: HashMap<String, (SharedQuota, Vec<u32>)>,
+    accounts: HashMap<String, (crate::limits::SharedQuota, Vec<u32>)>,
     pub events: Option<UnboundedSender<KeyEvent>>,
     /// Reused between calls: per-group cursors of a merged scan.
     cursors: Vec<(u32, Option<LoadKey>)>,
@@ -341,7 +339,7 @@ impl ProviderState {
                     q.reconfigure(cfg, now);
                     q
                 }
-                None => SharedQuota::new(cfg, now),
+                None => crate::limits::SharedQuota::new(cfg, now),
             };
             // Members are filled in once every key has its index.
             self.accounts.insert(name.to_string(), (quota, Vec::new()));
@@ -1220,11 +1218,6 @@ impl ProviderState {
     }
 }
 
-/// The provider's day (see `daily_reset`) at `now`, as stored.
-fn provider_day(settings: &Settings, now: Now) -> u64 {
-    settings.provider.daily_reset.day_of(now.unix_ms).max(0) as u64
-}
-
 fn note(until: &mut Option<Duration>, t: Option<Duration>) {
     if let Some(t) = t {
         *until = Some(until.map_or(t, |u| u.min(t)));
@@ -1255,6 +1248,11 @@ fn usage_slot(list: &mut Vec<(u64, u32, UsageDelta)>, day: u64, model: u32) -> &
         }
     };
     &mut list[pos].2
+}
+
+/// The provider's day (see `daily_reset`) at `now`, as stored.
+fn provider_day(settings: &Settings, now: Now) -> u64 {
+    settings.provider.daily_reset.day_of(now.unix_ms).max(0) as u64
 }
 
 #[cfg(test)]
