@@ -6,8 +6,9 @@
 //! while `spent + reserved + estimate <= budget`, so concurrent jobs cannot
 //! all slip under the cap at once: the overshoot is bounded by the error of
 //! one job's estimate (none when the estimate is an upper bound, as the
-//! router's is: the prompt plus all of `max_tokens`). The day is the UTC day;
-//! a new day starts from zero.
+//! router's is: the prompt plus all of `max_tokens`). The day is the
+//! provider's (its `daily_reset`, UTC midnight by default); a new day starts
+//! from zero.
 //!
 //! [`Budgets::check`] tells the executor which of three cases holds: the call
 //! fits ([`BudgetCheck::Fits`]); it would fit once calls in flight settle,
@@ -15,14 +16,16 @@
 //! today's spend alone leaves no room ([`BudgetCheck::Reached`], so this
 //! provider is out for the day).
 
-use std::collections::HashMap;
+use crate::calendar::{CachedDay, DailyReset};
+use crate::config::ProviderConfig;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-
-const DAY_MS: u64 = 86_400_000;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Ledger {
-    day: u64,
+    day: i64,
+    /// The provider's current day, cached (no zone math per check).
+    today: CachedDay,
     spent: f64,
     reserved: f64,
 }
@@ -34,7 +37,7 @@ pub enum BudgetCheck {
     Fits,
     /// Only the reservations of calls in flight stand in the way.
     Pending,
-    /// `spent + estimate > cap`: nothing will fit before the next UTC day.
+    /// `spent + estimate > cap`: nothing will fit before the provider's next day.
     Reached { cap: f64, spent: f64 },
 }
 
@@ -42,6 +45,8 @@ pub enum BudgetCheck {
 #[derive(Debug, Default)]
 pub struct Budgets {
     caps: HashMap<String, f64>,
+    /// When each capped provider's day starts; UTC midnight when absent.
+    resets: HashMap<String, DailyReset>,
     ledgers: Mutex<HashMap<String, Ledger>>,
 }
 
@@ -50,6 +55,24 @@ impl Budgets {
     pub fn new(caps: HashMap<String, f64>) -> Budgets {
         Budgets {
             caps,
+            resets: HashMap::new(),
+            ledgers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The caps of the providers that set `budget_usd_per_day`, each on
+    /// its own day (`daily_reset`).
+    pub fn for_providers(providers: &BTreeMap<String, ProviderConfig>) -> Budgets {
+        let capped = || {
+            providers
+                .iter()
+                .filter_map(|(name, p)| p.budget_usd_per_day.map(|b| (name, b, p)))
+        };
+        Budgets {
+            caps: capped().map(|(n, b, _)| (n.clone(), b)).collect(),
+            resets: capped()
+                .map(|(n, _, p)| (n.clone(), p.daily_reset.clone()))
+                .collect(),
             ledgers: Mutex::new(HashMap::new()),
         }
     }
@@ -160,15 +183,19 @@ impl Budgets {
     }
 
     fn with<R>(&self, provider: &str, now_unix_ms: u64, f: impl FnOnce(&mut Ledger) -> R) -> R {
-        let day = now_unix_ms / DAY_MS;
         let mut map = match self.ledgers.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
         let l = map.entry(provider.to_string()).or_default();
+        let day = match self.resets.get(provider) {
+            Some(reset) => l.today.day(reset, now_unix_ms),
+            None => l.today.day(&DailyReset::default(), now_unix_ms),
+        };
         if l.day != day {
             *l = Ledger {
                 day,
+                today: l.today,
                 spent: 0.0,
                 reserved: 0.0,
             };
@@ -180,6 +207,7 @@ impl Budgets {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::calendar::DAY_MS;
 
     #[test]
     fn reservations_keep_concurrent_jobs_under_the_cap() {
@@ -248,6 +276,33 @@ mod tests {
         );
         b.sync_spent("groq", 5.0, t);
         assert!(b.allows("groq", 1e9, t));
+    }
+
+    #[test]
+    fn a_budget_day_starts_at_the_providers_daily_reset() {
+        let providers = BTreeMap::from([(
+            "gemini".to_string(),
+            ProviderConfig {
+                budget_usd_per_day: Some(1.0),
+                daily_reset: DailyReset::parse("00:00 America/Los_Angeles").unwrap(),
+                ..ProviderConfig::default()
+            },
+        )]);
+        let b = Budgets::for_providers(&providers);
+        assert_eq!(b.capped().collect::<Vec<_>>(), ["gemini"]);
+        // 2024-01-15 23:00 UTC = 15:00 PST.
+        let t = 1_705_359_600_000;
+        b.load_spent("gemini", 1.0, t);
+        assert!(!b.allows("gemini", 0.01, t));
+        assert!(
+            !b.allows("gemini", 0.01, t + 3_600_000),
+            "UTC midnight: still the 15th in Los Angeles"
+        );
+        assert!(!b.allows("gemini", 0.01, t + 9 * 3_600_000 - 1));
+        assert!(
+            b.allows("gemini", 0.01, t + 9 * 3_600_000),
+            "Pacific midnight"
+        );
     }
 
     #[test]

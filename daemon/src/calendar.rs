@@ -190,6 +190,31 @@ impl DailyReset {
     }
 }
 
+/// A provider day and its bounds, remembered so that most lookups are two
+/// comparisons instead of zone math. Forget it (`Default`) when the
+/// [`DailyReset`] it was computed with changes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CachedDay {
+    day: i64,
+    start_ms: u64,
+    end_ms: u64,
+}
+
+impl CachedDay {
+    /// [`DailyReset::day_of`] of `unix_ms`, from the cache while it holds.
+    pub fn day(&mut self, reset: &DailyReset, unix_ms: u64) -> i64 {
+        if unix_ms < self.start_ms || unix_ms >= self.end_ms {
+            let (day, start_ms, end_ms) = reset.bounds(unix_ms);
+            *self = CachedDay {
+                day,
+                start_ms,
+                end_ms,
+            };
+        }
+        self.day
+    }
+}
+
 /// `YYYY-MM-DD` of a day number (days since 1970-01-01).
 pub fn day_string(day: i64) -> String {
     match date_of_day(day) {

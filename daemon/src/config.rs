@@ -335,7 +335,25 @@ pub struct KeyConfig {
     pub models: Vec<String>,
     pub limits: Limits,
     pub max_concurrent: Option<u32>,
+    /// The account (or project) the key belongs to: keys of one account
+    /// share one set of limits (`limits` of the provider, tightened by
+    /// each key's), locally and across daemons. Same as `{P}_ACCOUNT_{N}`.
+    pub account: Option<String>,
 }
+
+/// Whether `name` can name an account: it appears in Redis keys (as a
+/// hash tag's content) and in `llmq keys`.
+pub fn valid_account(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
+}
+
+/// What [`valid_account`] accepts, for error messages.
+pub const ACCOUNT_EXPECTED: &str =
+    "an account name of letters, digits, - _ . or @ (at most 128 characters)";
 
 impl Default for RedisConfig {
     fn default() -> Self {
@@ -1255,6 +1273,14 @@ fn validate_provider(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
                 kp(&[key("max_concurrent")]),
                 "a number of concurrent requests ≥ 1; got 0",
             ));
+        }
+        if let Some(a) = &k.account {
+            if !valid_account(a) {
+                return Err(problem(
+                    kp(&[key("account")]),
+                    format!("{ACCOUNT_EXPECTED}; got {a:?}"),
+                ));
+            }
         }
     }
     Ok(())

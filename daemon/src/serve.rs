@@ -23,7 +23,6 @@ use crate::queue::{Disposition, JobContext, JobHandler, Queue};
 use crate::router::RouteTable;
 use crate::upstream::Upstream;
 use futures::future::{BoxFuture, FutureExt};
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -105,12 +104,7 @@ pub fn build_runtime(
             ));
         }
     }
-    let caps: HashMap<String, f64> = config
-        .providers
-        .iter()
-        .filter_map(|(name, p)| p.budget_usd_per_day.map(|b| (name.clone(), b)))
-        .collect();
-    let budgets = Budgets::new(caps);
+    let budgets = Budgets::for_providers(&config.providers);
     let now = clock.unix_ms();
     for (provider, _, _) in budgets.snapshot(now) {
         budgets.load_spent(&provider, pool.spend_today(&provider), now);
@@ -577,17 +571,32 @@ async fn sync_budgets(
             continue;
         }
         let now = clock.unix_ms();
-        let key = crate::keystore::spend_key(crate::keystore::day_of(now));
-        let spent: std::collections::HashMap<String, f64> =
-            match redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::debug!(error = %e, "budget sync skipped");
-                    continue;
-                }
-            };
-        for (provider, usd) in spent {
-            rt.budgets.sync_spent(&provider, usd, now);
+        // Each provider's spend of its own day (`daily_reset`).
+        let capped: Vec<String> = rt.budgets.capped().map(String::from).collect();
+        let mut pipe = redis::pipe();
+        for provider in &capped {
+            let day = rt
+                .config
+                .providers
+                .get(provider)
+                .map_or_else(Default::default, |p| p.daily_reset.clone())
+                .day_of(now)
+                .max(0) as u64;
+            pipe.cmd("HGET")
+                .arg(crate::keystore::spend_key(day))
+                .arg(provider);
+        }
+        let spent: Vec<Option<f64>> = match pipe.query_async(&mut conn).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(error = %e, "budget sync skipped");
+                continue;
+            }
+        };
+        for (provider, usd) in capped.iter().zip(spent) {
+            if let Some(usd) = usd {
+                rt.budgets.sync_spent(provider, usd, now);
+            }
         }
     }
 }

@@ -431,3 +431,57 @@ fn daily_reset_is_a_time_and_an_iana_zone() {
         assert!(expected.contains(says), "{bad}: {expected}");
     }
 }
+
+#[test]
+fn the_catalog_resets_gemini_at_pacific_midnight() {
+    let cfg = load_layers(None, &no_env()).unwrap();
+    let gemini = &cfg.providers["gemini"].daily_reset;
+    assert_eq!(gemini.to_string(), "00:00 America/Los_Angeles");
+    // 2024-01-16T07:59:59Z is 23:59:59 PST on the 15th; a second on, the 16th.
+    let t = 1_705_391_999_000;
+    assert_eq!(gemini.next_after(t), t + 1_000);
+    assert_eq!(cfg.providers["openai"].daily_reset.to_string(), "00:00 UTC");
+}
+
+#[test]
+fn a_key_entry_names_its_account() {
+    let cfg = load_from_str(
+        "[[providers.groq.keys]]\nkey_env = \"K1\"\naccount = \"team-a\"\n",
+        "test.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.providers["groq"].keys[0].account.as_deref(),
+        Some("team-a")
+    );
+    let (file, field, expected) =
+        err("[[providers.groq.keys]]\nkey_env = \"K1\"\naccount = \"a:b{c}\"\n");
+    assert_eq!(
+        (file.as_str(), field.as_str()),
+        ("test.toml", "providers.groq.keys[0].account")
+    );
+    assert!(expected.contains("account name"), "{expected}");
+}
+
+#[test]
+fn a_bad_daily_reset_in_env_names_the_variable() {
+    let env: BTreeMap<String, String> =
+        [("LLMQ__PROVIDERS__GEMINI__DAILY_RESET", "00:00 Mars/Olympus")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    let e = load_layers(None, &env).unwrap_err().to_string();
+    assert!(e.contains("LLMQ__PROVIDERS__GEMINI__DAILY_RESET"), "{e}");
+    assert!(e.contains("providers.gemini.daily_reset"), "{e}");
+    assert!(e.contains("Mars/Olympus"), "{e}");
+    let env: BTreeMap<String, String> =
+        [("LLMQ__PROVIDERS__GROQ__DAILY_RESET", "05:30 Asia/Kolkata")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    let cfg = load_layers(None, &env).unwrap();
+    assert_eq!(
+        cfg.providers["groq"].daily_reset.to_string(),
+        "05:30 Asia/Kolkata"
+    );
+}

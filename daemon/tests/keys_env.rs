@@ -601,8 +601,74 @@ fn shipped_example_file_loads_cleanly() {
         gemini1.source
     );
     assert_eq!(ring.get(&id("groq#10")).unwrap().weight, 2);
+    for k in ["gemini#0", "gemini#1"] {
+        assert_eq!(
+            ring.get(&id(k)).unwrap().account.as_deref(),
+            Some("my-project")
+        );
+    }
     let report = ring.report();
     assert!(report.merged.is_empty() && report.renumbered.is_empty() && report.skipped.is_empty());
     assert!(report.unknown_prefixes.is_empty() && report.unused_overrides.is_empty());
     assert!(report.providers_without_keys.is_empty());
+}
+
+#[test]
+fn account_from_env_and_config_applies_to_its_instance() {
+    let mut providers = catalog();
+    providers.get_mut("mistral").unwrap().keys = vec![
+        KeyConfig {
+            key: Some("test-mistral-acct-a-0000".into()),
+            instance: Some(3),
+            account: Some("team-a".into()),
+            ..KeyConfig::default()
+        },
+        KeyConfig {
+            key: Some("test-mistral-acct-b-0000".into()),
+            instance: Some(4),
+            account: Some("team-a".into()),
+            ..KeyConfig::default()
+        },
+    ];
+    let env = EnvSource::from_pairs([
+        ("GEMINI_API_KEY_1", "AIza-test-project-one-00"),
+        ("GEMINI_API_KEY_2", "AIza-test-project-one-01"),
+        ("GEMINI_API_KEY_3", "AIza-test-project-two-00"),
+        ("GEMINI_ACCOUNT_1", "proj-1"),
+        ("GOOGLE_ACCOUNT_2", "proj-1"),
+        ("GEMINI_ACCOUNT_9", "nobody"),
+        ("MISTRAL_ACCOUNT_4", "team-b"),
+    ]);
+    let ring = load_keys(&providers, &env).unwrap();
+    let account = |k: &str| ring.get(&id(k)).unwrap().account.clone();
+    assert_eq!(account("gemini#1").as_deref(), Some("proj-1"));
+    assert_eq!(
+        account("gemini#2").as_deref(),
+        Some("proj-1"),
+        "alias prefix"
+    );
+    assert_eq!(account("gemini#3"), None, "no account: limits of its own");
+    assert_eq!(account("mistral#3").as_deref(), Some("team-a"));
+    assert_eq!(
+        account("mistral#4").as_deref(),
+        Some("team-b"),
+        "env overrides win over config"
+    );
+    assert_eq!(ring.report().unused_overrides, ["GEMINI_ACCOUNT_9"]);
+    // The account is shown; secrets are not.
+    let shown = format!("{:?}", ring.get(&id("gemini#1")).unwrap());
+    assert!(shown.contains("proj-1"), "{shown}");
+    assert!(!shown.contains("project-one"), "{shown}");
+}
+
+#[test]
+fn a_bad_account_name_is_an_error_naming_the_variable() {
+    let env = EnvSource::from_pairs([
+        ("GROQ_API_KEY_0", "gsk_test_acct_00000000"),
+        ("GROQ_ACCOUNT_0", "a{b}"),
+    ]);
+    let msg = load_keys(&catalog(), &env).unwrap_err().to_string();
+    assert!(msg.contains("GROQ_ACCOUNT_0"), "{msg}");
+    assert!(msg.contains("account name"), "{msg}");
+    assert!(!msg.contains("acct_0000"), "{msg}");
 }

@@ -356,3 +356,101 @@ async fn a_failed_flush_is_retried_without_losing_counts() {
         .unwrap();
     assert_eq!(n, 2);
 }
+
+/// A provider whose day starts at midnight in Los Angeles, with 4 calls a day.
+fn pacific_pool(unix_ms: u64) -> (KeyPool, ManualClock) {
+    let mut c = Config::default();
+    c.providers.insert(
+        "groq".into(),
+        ProviderConfig {
+            limits: Limits {
+                rpd: Some(4),
+                ..Limits::default()
+            },
+            daily_reset: "00:00 America/Los_Angeles".parse().unwrap(),
+            ..ProviderConfig::default()
+        },
+    );
+    let clock = ManualClock::new(unix_ms);
+    let pool = KeyPool::new(&c, &ring(), Arc::new(clock.clone()) as Arc<dyn Clock>);
+    (pool, clock)
+}
+
+#[tokio::test]
+async fn daily_counters_and_spend_are_keyed_by_the_providers_day() {
+    let redis = RedisServer::start();
+    let mut c = conn(&redis).await;
+    // 2024-05-01T03:00:00Z is 2024-04-30 20:00 in Los Angeles (PDT).
+    let t0 = BASE_MS - 7 * 3600 * 1000;
+    let id = KeyId::new("groq", 0);
+    let (pool, _clock) = pacific_pool(t0);
+    let store = KeyStore::connect(&redis.url(), pool.clone()).await.unwrap();
+    for _ in 0..3 {
+        granted(pool.try_acquire(&pinned(&id))).report(Fate::Success {
+            usage_in: 5,
+            usage_out: 5,
+            cost_usd: 0.02,
+        });
+    }
+    store.flush().await.unwrap();
+    let pacific_day: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg("llmq:daily:2024-04-30:groq#0")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(pacific_day["requests"], 3, "the provider's date, not UTC's");
+    let utc_day: i64 = redis::cmd("EXISTS")
+        .arg("llmq:daily:2024-05-01:groq#0")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(utc_day, 0);
+    let spend: f64 = redis::cmd("HGET")
+        .arg("llmq:spend:2024-04-30")
+        .arg("groq")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!((spend - 0.06).abs() < 1e-9);
+    // Usage reports stay in UTC days.
+    let usage = KeyStore::read_usage(&mut c, "2024-05-01").await.unwrap();
+    assert_eq!(usage.iter().map(|r| r.requests).sum::<u64>(), 3);
+
+    // A restart 3 h later (past UTC midnight's date change, 23:00 PDT):
+    // still the same provider day, so the counts and the spend come back.
+    drop((pool, store));
+    let (pool, clock) = pacific_pool(t0 + 3 * 3600 * 1000);
+    let store = KeyStore::connect(&redis.url(), pool.clone()).await.unwrap();
+    let report = store.load().await.unwrap();
+    assert!((report.spend["groq"] - 0.06).abs() < 1e-9);
+    assert!((pool.spend_today("groq") - 0.06).abs() < 1e-9);
+    assert_eq!(pool.key_snapshot(&id).unwrap().day_requests, 3);
+    granted(pool.try_acquire(&pinned(&id))).report(Fate::Transient);
+    match pool.try_acquire(&pinned(&id)) {
+        // The cap of 4 is reached until Pacific midnight, an hour away.
+        Acquire::Wait { until, .. } => {
+            assert_eq!(until, clock.now() + Duration::from_secs(3600))
+        }
+        other => panic!("the daily cap must hold: {other:?}"),
+    }
+    clock.advance(Duration::from_secs(3600));
+    assert_eq!(pool.key_snapshot(&id).unwrap().day_requests, 0);
+    assert_eq!(pool.spend_today("groq"), 0.0);
+    granted(pool.try_acquire(&pinned(&id))).report(Fate::Transient);
+    store.flush().await.unwrap();
+    let next: i64 = redis::cmd("HGET")
+        .arg("llmq:daily:2024-05-01:groq#0")
+        .arg("requests")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(next, 1);
+
+    // A restart after Pacific midnight starts the day from zero.
+    drop((pool, store));
+    let (pool, _clock) = pacific_pool(t0 + 5 * 3600 * 1000);
+    let store = KeyStore::connect(&redis.url(), pool.clone()).await.unwrap();
+    let report = store.load().await.unwrap();
+    assert!(!report.spend.contains_key("groq"), "{:?}", report.spend);
+    assert_eq!(pool.key_snapshot(&id).unwrap().day_requests, 1);
+}

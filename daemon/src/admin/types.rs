@@ -64,6 +64,10 @@ pub struct KeyView {
     pub instance: u32,
     /// The masked secret (`gsk_…x9f2`); the secret itself is never here.
     pub masked: String,
+    /// The account (project) whose limits the key shares with its other
+    /// keys; `limits`, `window` and `today` are then the account's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
     pub status: KeyStatus,
     /// Why the key is disabled or cooling, if it is.
     #[serde(default)]

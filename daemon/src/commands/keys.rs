@@ -152,6 +152,7 @@ pub async fn keys(g: &GlobalArgs, opts: &Options, action: Option<&KeysAction>) -
                                 "source": k.source,
                                 "models": k.models,
                                 "limits": k.limits,
+                                "account": k.account,
                             })
                         })
                         .collect();
@@ -181,9 +182,17 @@ fn limit(v: Option<u64>) -> String {
 }
 
 fn print_keys(views: &[KeyView]) {
+    // An ACCOUNT column only when some key shares an account's limits.
+    let accounts = views.iter().any(|v| v.account.is_some());
+    let account = |v: Option<&KeyView>| match (accounts, v) {
+        (false, _) => String::new(),
+        (true, None) => format!("{:<14} ", "ACCOUNT"),
+        (true, Some(v)) => format!("{:<14} ", v.account.as_deref().unwrap_or("-")),
+    };
     println!(
-        "{:<14} {:<16} {:<10} {:>11} {:>13} {:>13} {:>7} {:>6} {:>5} {:>8} {:<20} REASON",
+        "{:<14} {}{:<16} {:<10} {:>11} {:>13} {:>13} {:>7} {:>6} {:>5} {:>8} {:<20} REASON",
         "KEY",
+        account(None),
         "MASKED",
         "STATUS",
         "RPM/TPM",
@@ -222,8 +231,9 @@ fn print_keys(views: &[KeyView]) {
             ));
         }
         println!(
-            "{:<14} {:<16} {:<10} {:>11} {:>13} {:>13} {:>7} {:>6} {:>5} {:>8.4} {:<20} {}",
+            "{:<14} {}{:<16} {:<10} {:>11} {:>13} {:>13} {:>7} {:>6} {:>5} {:>8.4} {:<20} {}",
             v.id,
+            account(Some(v)),
             v.masked,
             status,
             format!("{}/{}", limit(v.limits.rpm), limit(v.limits.tpm)),

@@ -191,6 +191,9 @@ fn load_provider(
             weight = weight.or(c.weight);
             key.max_concurrent = key.max_concurrent.or(c.max_concurrent);
             key.limits = key.limits.or(c.limits);
+            if key.account.is_none() {
+                key.account.clone_from(&c.account);
+            }
             for m in &c.models {
                 if !key.models.contains(m) {
                     key.models.push(m.clone());
@@ -354,6 +357,7 @@ struct Overrides {
     models: Option<Vec<String>>,
     weight: Option<u32>,
     max_concurrent: Option<u32>,
+    account: Option<String>,
     limits: Limits,
     /// The variables that set something, for the unused-override report.
     vars: Vec<String>,
@@ -370,6 +374,9 @@ impl Overrides {
         if let Some(m) = self.max_concurrent {
             key.max_concurrent = Some(m);
         }
+        if let Some(a) = &self.account {
+            key.account = Some(a.clone());
+        }
         key.limits = self.limits.or(key.limits);
     }
 }
@@ -384,6 +391,7 @@ enum Field {
     Tpd,
     Rpm,
     Rpd,
+    Account,
 }
 
 const FIELDS: &[(&str, Field)] = &[
@@ -394,6 +402,7 @@ const FIELDS: &[(&str, Field)] = &[
     ("MAX_TOKENS_PER_DAY_", Field::Tpd),
     ("MAX_REQUESTS_PER_MINUTE_", Field::Rpm),
     ("MAX_REQUESTS_PER_DAY_", Field::Rpd),
+    ("ACCOUNT_", Field::Account),
 ];
 
 /// Overrides by instance number; the first prefix to set a field wins.
@@ -439,6 +448,7 @@ fn env_overrides(
                 Field::Tpd => set_once(&mut o.limits.tpd, || number(var, value))?,
                 Field::Rpm => set_once(&mut o.limits.rpm, || number(var, value))?,
                 Field::Rpd => set_once(&mut o.limits.rpd, || number(var, value))?,
+                Field::Account => set_once(&mut o.account, || account(var, value))?,
             };
             if set {
                 o.vars.push(var.to_string());
@@ -466,6 +476,14 @@ fn number<T: std::str::FromStr>(var: &str, value: &str) -> Result<T, KeyError> {
     value
         .parse()
         .map_err(|_| invalid(var, value, "a whole number"))
+}
+
+fn account(var: &str, value: &str) -> Result<String, KeyError> {
+    if crate::config::valid_account(value) {
+        Ok(value.to_string())
+    } else {
+        Err(invalid(var, value, crate::config::ACCOUNT_EXPECTED))
+    }
 }
 
 fn invalid(var: &str, value: &str, expected: &'static str) -> KeyError {

@@ -19,9 +19,10 @@
 //! | `P_MAX_TOKENS_PER_MINUTE_i`, `P_MAX_TOKENS_PER_DAY_i` | per-key `tpm`, `tpd` |
 //! | `P_MAX_REQUESTS_PER_MINUTE_i`, `P_MAX_REQUESTS_PER_DAY_i` | per-key `rpm`, `rpd` |
 //! | `P_WEIGHT_i`, `P_MAX_CONCURRENT_i` | per-key weight (default 1) and concurrency cap |
+//! | `P_ACCOUNT_i` | the account (project) key `i` belongs to: keys of one account share one set of limits |
 //!
 //! Config keys (`providers.X.keys = [{ key | key_env, instance, weight,
-//! models, limits, max_concurrent }]`) are added to the env ones. Blank
+//! models, limits, max_concurrent, account }]`) are added to the env ones. Blank
 //! values are skipped. Keyless providers get one anonymous slot `X#0` when
 //! they have no key. Env vars named like keys whose prefix no provider uses
 //! are not loaded; they are listed in [`KeyReport::unknown_prefixes`].
@@ -193,6 +194,9 @@ pub struct ApiKey {
     pub limits: Limits,
     /// Per-key concurrency cap override.
     pub max_concurrent: Option<u32>,
+    /// The account (project) the key belongs to: keys of one provider with
+    /// the same account share one set of limits. Not a secret.
+    pub account: Option<String>,
     /// Where it came from (`env GROQ_API_KEY_2`, `.env line 7 (GROQ_API_KEY_2)`,
     /// `config providers.groq.keys[0]`), never the value.
     pub source: String,
@@ -213,6 +217,7 @@ impl ApiKey {
             models: Vec::new(),
             limits: Limits::default(),
             max_concurrent: None,
+            account: None,
             source: source.into(),
         }
     }
@@ -251,6 +256,7 @@ impl fmt::Debug for ApiKey {
             .field("models", &self.models)
             .field("limits", &self.limits)
             .field("max_concurrent", &self.max_concurrent)
+            .field("account", &self.account)
             .field("source", &self.source)
             .finish_non_exhaustive()
     }

@@ -1,8 +1,19 @@
 //! Per-key admission control: one limiter per API key, holding requests and
-//! tokens per window (RPM/TPM), requests and tokens per UTC day (RPD/TPD), a
-//! cap on concurrent calls and the limits the upstream reports in its
-//! headers. This module owns the [`Admission`] trait and its in-process
-//! implementation, [`LocalLimiter`]; the key pool drives one per key.
+//! tokens per window (RPM/TPM), requests and tokens per provider day
+//! (RPD/TPD, rolling over at the provider's `daily_reset`), a cap on
+//! concurrent calls and the limits the upstream reports in its headers. This
+//! module owns the [`Admission`] trait and its in-process implementation,
+//! [`LocalLimiter`]; the key pool drives one per key.
+//!
+//! # Quota pools (accounts)
+//!
+//! Providers limit per account or project, not per key. The per-window and
+//! per-day limits, the upstream's blocks and learned limits form a key's
+//! *quota*; keys that share an `account` share one quota ([`SharedQuota`]),
+//! while each key keeps its own concurrency cap and probation. A key without
+//! an account owns its quota inline (no lock, no pointer chase). An
+//! account's limits are the strictest of its keys' limits, field by field
+//! ([`LimiterConfig::for_account`]): never more than any of its keys says.
 //!
 //! # Shapes
 //!
@@ -38,12 +49,13 @@
 //! # Time
 //!
 //! Every call takes a [`Now`] read from the daemon's [`Clock`], so tests drive
-//! limiters with `ManualClock`. Windows use monotonic time; days are UTC days
-//! of the wall clock.
+//! limiters with `ManualClock`. Windows use monotonic time; days are the
+//! provider's days of the wall clock ([`crate::calendar::DailyReset`]).
 
 mod bucket;
 mod rolling;
 
+use crate::calendar::DailyReset;
 use crate::clock::Clock;
 use crate::config::{LimitShape, Limits, ProviderConfig};
 use crate::keys::ApiKey;
@@ -52,15 +64,14 @@ use llmq_sdk::ObservedLimits;
 use rolling::{Block, RollingLog};
 use serde::Serialize;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Milliseconds in a UTC day.
-pub const DAY_MS: u64 = 86_400_000;
 /// The upstreams' rate window, unless a provider sets `window`.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
 
 /// One reading of the clock: monotonic time for windows and deadlines, Unix
-/// time for UTC days and persisted timestamps.
+/// time for days and persisted timestamps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Now {
     pub mono: Duration,
@@ -75,14 +86,10 @@ impl Now {
         }
     }
 
-    /// Days since the Unix epoch (UTC).
-    pub fn day(self) -> u64 {
-        self.unix_ms / DAY_MS
-    }
-
-    /// Clock time of the next UTC midnight.
-    pub fn next_midnight(self) -> Duration {
-        self.mono + Duration::from_millis(DAY_MS - self.unix_ms % DAY_MS)
+    /// The UTC day (for reports kept in UTC days, e.g. usage). Provider
+    /// days come from the provider's [`DailyReset`].
+    pub fn utc_day(self) -> u64 {
+        crate::calendar::utc_day(self.unix_ms).max(0) as u64
     }
 
     /// Unix milliseconds of a clock time.
@@ -108,7 +115,7 @@ impl Now {
 }
 
 /// What one key's limiter enforces.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LimiterConfig {
     pub limits: Limits,
     pub max_concurrent: Option<u32>,
@@ -118,6 +125,8 @@ pub struct LimiterConfig {
     /// `LocalLimiter::proven`). On for every real key; limiter unit tests
     /// switch it off to test the window shapes alone.
     pub probation: bool,
+    /// When RPD/TPD roll over (the provider's `daily_reset`).
+    pub daily_reset: DailyReset,
 }
 
 impl Default for LimiterConfig {
@@ -128,6 +137,7 @@ impl Default for LimiterConfig {
             window: DEFAULT_WINDOW,
             shape: LimitShape::Rolling,
             probation: false,
+            daily_reset: DailyReset::default(),
         }
     }
 }
@@ -144,7 +154,46 @@ impl LimiterConfig {
                 .unwrap_or(DEFAULT_WINDOW),
             shape: provider.limit_shape,
             probation: true,
+            daily_reset: provider.daily_reset.clone(),
         }
+    }
+
+    /// The quota an account's keys share: per field, the strictest of the
+    /// keys' limits (an account is never allowed more than any of its keys
+    /// says). Concurrency and probation stay per key and are not part of it.
+    pub fn for_account<'a>(
+        provider: &ProviderConfig,
+        keys: impl IntoIterator<Item = &'a ApiKey>,
+    ) -> LimiterConfig {
+        let limits = keys
+            .into_iter()
+            .map(|k| k.effective_limits(&provider.limits))
+            .reduce(|a, b| Limits {
+                rpm: strictest(a.rpm, b.rpm),
+                tpm: strictest(a.tpm, b.tpm),
+                rpd: strictest(a.rpd, b.rpd),
+                tpd: strictest(a.tpd, b.tpd),
+            })
+            .unwrap_or(provider.limits);
+        LimiterConfig {
+            limits,
+            max_concurrent: None,
+            window: provider
+                .window
+                .filter(|w| !w.is_zero())
+                .unwrap_or(DEFAULT_WINDOW),
+            shape: provider.limit_shape,
+            probation: false,
+            daily_reset: provider.daily_reset.clone(),
+        }
+    }
+}
+
+/// The smaller of two limits; `None` (unlimited) only when both are.
+pub fn strictest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -222,7 +271,7 @@ impl fmt::Display for Refusal {
 pub struct Ticket {
     admitted: Duration,
     tokens: u64,
-    day: u64,
+    day: i64,
 }
 
 impl Ticket {
@@ -236,8 +285,8 @@ impl Ticket {
         self.tokens
     }
 
-    /// The UTC day (days since the epoch) it was charged to.
-    pub fn day(&self) -> u64 {
+    /// The provider day (see [`DailyReset::day_of`]) it was charged to.
+    pub fn day(&self) -> i64 {
         self.day
     }
 }
@@ -250,7 +299,8 @@ pub struct LimiterUsage {
     pub window_requests: u64,
     /// Tokens counted in the current window (rolling) or bucket debt.
     pub window_tokens: u64,
-    /// Today's (UTC) requests and tokens.
+    /// Today's requests and tokens (the provider's day; the account's when
+    /// the key shares a quota).
     pub day_requests: u64,
     pub day_tokens: u64,
     /// Effective limits: configured, tightened by what the upstream reported.
@@ -395,24 +445,24 @@ impl Meters {
     }
 }
 
+/// Today's counts on the provider's calendar, with the day's bounds cached
+/// so that the hot path compares two numbers instead of doing zone math.
 #[derive(Debug, Clone, Copy, Default)]
 struct Daily {
-    day: u64,
+    day: i64,
+    /// Unix ms of the day's start and of the next reset; `start == end`
+    /// (as at construction) forces a lookup.
+    start_ms: u64,
+    end_ms: u64,
     requests: u64,
     tokens: u64,
 }
 
-/// The in-process [`Admission`]: exact, all in memory. `repr(C)` keeps the
-/// fields every check reads together, first.
+/// What keys of one account share: the per-window meters, the day's
+/// counts, the upstream's blocks and the limits learned from its headers.
+/// A key without an account owns one of its own.
 #[derive(Debug)]
-#[repr(C)]
-pub struct LocalLimiter {
-    in_flight: u32,
-    /// The key has answered a call successfully since it was loaded. Until
-    /// then it takes one call at a time: a bad key (invalid, out of credit)
-    /// costs exactly one upstream call however large the burst, because its
-    /// fate is known before a second call is admitted.
-    proven: bool,
+struct Quota {
     /// `cfg.limits` tightened by `learned` (kept, not recomputed per call).
     eff: Limits,
     meters: Option<Meters>,
@@ -420,47 +470,33 @@ pub struct LocalLimiter {
     /// The upstream said no requests / tokens remain until then.
     blocked_requests: Duration,
     blocked_tokens: Duration,
+    /// Limits, window, shape and daily reset (concurrency and probation are
+    /// the key's, not the quota's).
     cfg: LimiterConfig,
     /// Limits the upstream reported stricter than `cfg` (rpm and tpm).
     learned: Limits,
 }
 
-fn stricter(configured: Option<u64>, learned: Option<u64>) -> Option<u64> {
-    match (configured, learned) {
-        (Some(c), Some(l)) => Some(c.min(l)),
-        (c, l) => c.or(l),
-    }
-}
-
-impl LocalLimiter {
-    pub fn new(cfg: LimiterConfig, now: Now) -> LocalLimiter {
-        let mut l = LocalLimiter {
-            cfg,
-            learned: Limits::default(),
+impl Quota {
+    fn new(cfg: LimiterConfig, now: Now) -> Quota {
+        let mut q = Quota {
             eff: cfg.limits,
-            in_flight: 0,
-            proven: !cfg.probation,
             meters: None,
-            daily: Daily {
-                day: now.day(),
-                ..Daily::default()
-            },
+            daily: Daily::default(),
             blocked_requests: Duration::ZERO,
             blocked_tokens: Duration::ZERO,
+            cfg,
+            learned: Limits::default(),
         };
-        l.build_meters(now);
-        l
-    }
-
-    /// Configured limits tightened by learned ones.
-    pub fn effective_limits(&self) -> Limits {
-        self.eff
+        q.roll_day(now);
+        q.build_meters(now);
+        q
     }
 
     fn update_eff(&mut self) {
         self.eff = Limits {
-            rpm: stricter(self.cfg.limits.rpm, self.learned.rpm),
-            tpm: stricter(self.cfg.limits.tpm, self.learned.tpm),
+            rpm: strictest(self.cfg.limits.rpm, self.learned.rpm),
+            tpm: strictest(self.cfg.limits.tpm, self.learned.tpm),
             rpd: self.cfg.limits.rpd,
             tpd: self.cfg.limits.tpd,
         };
@@ -480,21 +516,32 @@ impl LocalLimiter {
         }
     }
 
+    /// Starts a new day's counts when `now` has left the cached day.
     fn roll_day(&mut self, now: Now) {
-        let day = now.day();
-        if day != self.daily.day {
-            self.daily = Daily {
-                day,
-                ..Daily::default()
-            };
+        let d = &mut self.daily;
+        if now.unix_ms >= d.start_ms && now.unix_ms < d.end_ms {
+            return;
         }
+        let (day, start_ms, end_ms) = self.cfg.daily_reset.bounds(now.unix_ms);
+        if day != d.day {
+            d.requests = 0;
+            d.tokens = 0;
+        }
+        d.day = day;
+        d.start_ms = start_ms;
+        d.end_ms = end_ms;
     }
-}
 
-impl Admission for LocalLimiter {
+    /// Clock time of the next daily reset.
+    fn next_reset(&self, now: Now) -> Duration {
+        now.mono_at(self.daily.end_ms)
+    }
+
+    /// Whether the quota lets a call charged `tokens` pass (concurrency
+    /// aside).
     fn check(&mut self, now: Now, tokens: u64) -> Result<(), Refusal> {
         self.roll_day(now);
-        let eff = self.effective_limits();
+        let eff = self.eff;
         if let Some(tpd) = eff.tpd {
             if tokens > tpd {
                 return Err(Refusal::Never {
@@ -543,49 +590,32 @@ impl Admission for LocalLimiter {
         }
         if let Some(rpd) = eff.rpd {
             if self.daily.requests >= rpd {
-                later(now.next_midnight(), Gate::Rpd);
+                later(self.next_reset(now), Gate::Rpd);
             }
         }
         if let Some(tpd) = eff.tpd {
             if self.daily.tokens + tokens > tpd {
-                later(now.next_midnight(), Gate::Tpd);
+                later(self.next_reset(now), Gate::Tpd);
             }
         }
-        if let Some((until, gate)) = worst {
-            return Err(Refusal::Until { until, gate });
+        match worst {
+            Some((until, gate)) => Err(Refusal::Until { until, gate }),
+            None => Ok(()),
         }
-        let max = if self.proven {
-            self.cfg.max_concurrent
-        } else {
-            Some(1)
-        };
-        if let Some(max) = max {
-            if self.in_flight >= max {
-                return Err(Refusal::Busy);
-            }
-        }
-        Ok(())
     }
 
-    fn admit(&mut self, now: Now, tokens: u64) -> Result<Ticket, Refusal> {
-        self.check(now, tokens)?;
-        self.in_flight += 1;
+    /// Takes one call's capacity (checked just before, under the same lock
+    /// and time). Returns the day it was charged to.
+    fn take(&mut self, now: Now, tokens: u64) -> i64 {
         if let Some(m) = self.meters.as_mut() {
             m.take(now.mono, tokens);
         }
         self.daily.requests += 1;
         self.daily.tokens += tokens;
-        Ok(Ticket {
-            admitted: now.mono,
-            tokens,
-            day: self.daily.day,
-        })
+        self.daily.day
     }
 
-    fn complete(&mut self, ticket: Ticket, now: Now, actual_tokens: Option<u64>) {
-        self.in_flight = self.in_flight.saturating_sub(1);
-        // Usage is only known from a successful answer.
-        self.proven |= actual_tokens.is_some();
+    fn complete(&mut self, ticket: &Ticket, now: Now, actual_tokens: Option<u64>) {
         if let Some(m) = self.meters.as_mut() {
             m.complete(ticket.tokens, ticket.admitted, now.mono);
         }
@@ -597,8 +627,7 @@ impl Admission for LocalLimiter {
         }
     }
 
-    fn cancel(&mut self, ticket: Ticket, now: Now) {
-        self.in_flight = self.in_flight.saturating_sub(1);
+    fn cancel(&mut self, ticket: &Ticket, now: Now) {
         if let Some(m) = self.meters.as_mut() {
             m.cancel(ticket.tokens);
         }
@@ -618,7 +647,7 @@ impl Admission for LocalLimiter {
         if seen.tokens_remaining == Some(0) {
             self.blocked_tokens = self.blocked_tokens.max(reset(seen.tokens_reset_ms));
         }
-        let eff = self.effective_limits();
+        let eff = self.eff;
         let mut changed = false;
         if let Some(l) = seen.requests_limit.filter(|&l| l > 0) {
             if eff.rpm.is_none_or(|c| l < c) {
@@ -638,18 +667,19 @@ impl Admission for LocalLimiter {
         }
     }
 
+    /// The usage fields of the quota (`in_flight` is the key's).
     fn usage(&mut self, now: Now) -> LimiterUsage {
         self.roll_day(now);
         let blocked = self.blocked_requests.max(self.blocked_tokens);
         let (window_requests, window_tokens) =
             self.meters.as_mut().map_or((0, 0), |m| m.used(now.mono));
         LimiterUsage {
-            in_flight: self.in_flight,
+            in_flight: 0,
             window_requests,
             window_tokens,
             day_requests: self.daily.requests,
             day_tokens: self.daily.tokens,
-            limits: self.effective_limits(),
+            limits: self.eff,
             upstream_blocked_until: (blocked > now.mono).then_some(blocked),
         }
     }
@@ -660,18 +690,200 @@ impl Admission for LocalLimiter {
         self.daily.tokens += tokens;
     }
 
+    /// New limits, window, shape or daily reset; history is kept where the
+    /// shape allows (and the day's counts while the day stays the same).
     fn reconfigure(&mut self, cfg: LimiterConfig, now: Now) {
-        if cfg == self.cfg {
+        let same = cfg.limits == self.cfg.limits
+            && cfg.window == self.cfg.window
+            && cfg.shape == self.cfg.shape
+            && cfg.daily_reset == self.cfg.daily_reset;
+        if same {
             return;
         }
         let rebuild = cfg.shape != self.cfg.shape || cfg.window != self.cfg.window;
+        if cfg.daily_reset != self.cfg.daily_reset {
+            // Look the day up again on the new calendar.
+            self.daily.start_ms = 0;
+            self.daily.end_ms = 0;
+        }
         self.cfg = cfg;
+        self.roll_day(now);
         self.update_eff();
         if rebuild {
             self.build_meters(now);
         } else {
             self.retune(now);
         }
+    }
+}
+
+/// One account's quota, shared by the limiters of its keys. Cheap to
+/// clone (a handle). The pool calls limiters under its provider lock, so
+/// this inner lock is never contended.
+#[derive(Debug, Clone)]
+pub struct SharedQuota(Arc<Mutex<Quota>>);
+
+impl SharedQuota {
+    /// A quota with `cfg`'s limits, window, shape and daily reset (see
+    /// [`LimiterConfig::for_account`]).
+    pub fn new(cfg: LimiterConfig, now: Now) -> SharedQuota {
+        SharedQuota(Arc::new(Mutex::new(Quota::new(cfg, now))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Quota> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// New account limits (SIGHUP); history is kept where the shape allows.
+    pub fn reconfigure(&self, cfg: LimiterConfig, now: Now) {
+        self.lock().reconfigure(cfg, now);
+    }
+
+    /// Whether two handles are the same account's quota.
+    pub fn same(&self, other: &SharedQuota) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// Where a key's quota lives.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // inline on purpose: the hot path reads it
+enum QuotaHome {
+    Own(Quota),
+    Shared(SharedQuota),
+}
+
+impl QuotaHome {
+    fn with<R>(&mut self, f: impl FnOnce(&mut Quota) -> R) -> R {
+        match self {
+            QuotaHome::Own(q) => f(q),
+            QuotaHome::Shared(s) => f(&mut s.lock()),
+        }
+    }
+}
+
+/// The in-process [`Admission`]: exact, all in memory. `repr(C)` keeps the
+/// fields every check reads together, first.
+#[derive(Debug)]
+#[repr(C)]
+pub struct LocalLimiter {
+    in_flight: u32,
+    /// The key has answered a call successfully since it was loaded. Until
+    /// then it takes one call at a time: a bad key (invalid, out of credit)
+    /// costs exactly one upstream call however large the burst, because its
+    /// fate is known before a second call is admitted.
+    proven: bool,
+    quota: QuotaHome,
+    cfg: LimiterConfig,
+}
+
+impl LocalLimiter {
+    pub fn new(cfg: LimiterConfig, now: Now) -> LocalLimiter {
+        LocalLimiter {
+            in_flight: 0,
+            proven: !cfg.probation,
+            quota: QuotaHome::Own(Quota::new(cfg.clone(), now)),
+            cfg,
+        }
+    }
+
+    /// A key's limiter over its account's quota: the key's own
+    /// concurrency cap and probation, the account's limits.
+    pub fn sharing(cfg: LimiterConfig, quota: &SharedQuota) -> LocalLimiter {
+        LocalLimiter {
+            in_flight: 0,
+            proven: !cfg.probation,
+            quota: QuotaHome::Shared(quota.clone()),
+            cfg,
+        }
+    }
+
+    /// Moves the key onto `quota` (its account's), or back onto one of its
+    /// own (`None`, starting empty). A no-op when nothing changes.
+    pub fn share(&mut self, quota: Option<&SharedQuota>, now: Now) {
+        match (&self.quota, quota) {
+            (QuotaHome::Shared(old), Some(new)) if old.same(new) => {}
+            (QuotaHome::Own(_), None) => {}
+            (_, Some(new)) => self.quota = QuotaHome::Shared(new.clone()),
+            (QuotaHome::Shared(_), None) => {
+                self.quota = QuotaHome::Own(Quota::new(self.cfg.clone(), now))
+            }
+        }
+    }
+
+    /// Whether the key shares an account's quota.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.quota, QuotaHome::Shared(_))
+    }
+
+    /// Configured limits tightened by learned ones (the account's when shared).
+    pub fn effective_limits(&mut self) -> Limits {
+        self.quota.with(|q| q.eff)
+    }
+}
+
+impl Admission for LocalLimiter {
+    fn check(&mut self, now: Now, tokens: u64) -> Result<(), Refusal> {
+        self.quota.with(|q| q.check(now, tokens))?;
+        let max = if self.proven {
+            self.cfg.max_concurrent
+        } else {
+            Some(1)
+        };
+        if let Some(max) = max {
+            if self.in_flight >= max {
+                return Err(Refusal::Busy);
+            }
+        }
+        Ok(())
+    }
+
+    fn admit(&mut self, now: Now, tokens: u64) -> Result<Ticket, Refusal> {
+        self.check(now, tokens)?;
+        self.in_flight += 1;
+        let day = self.quota.with(|q| q.take(now, tokens));
+        Ok(Ticket {
+            admitted: now.mono,
+            tokens,
+            day,
+        })
+    }
+
+    fn complete(&mut self, ticket: Ticket, now: Now, actual_tokens: Option<u64>) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        // Usage is only known from a successful answer.
+        self.proven |= actual_tokens.is_some();
+        self.quota.with(|q| q.complete(&ticket, now, actual_tokens));
+    }
+
+    fn cancel(&mut self, ticket: Ticket, now: Now) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.quota.with(|q| q.cancel(&ticket, now));
+    }
+
+    fn observe(&mut self, seen: &ObservedLimits, now: Now) {
+        self.quota.with(|q| q.observe(seen, now));
+    }
+
+    fn usage(&mut self, now: Now) -> LimiterUsage {
+        LimiterUsage {
+            in_flight: self.in_flight,
+            ..self.quota.with(|q| q.usage(now))
+        }
+    }
+
+    fn restore_daily(&mut self, now: Now, requests: u64, tokens: u64) {
+        self.quota.with(|q| q.restore_daily(now, requests, tokens));
+    }
+
+    fn reconfigure(&mut self, cfg: LimiterConfig, now: Now) {
+        if cfg == self.cfg {
+            return;
+        }
+        if let QuotaHome::Own(q) = &mut self.quota {
+            q.reconfigure(cfg.clone(), now);
+        }
+        self.cfg = cfg;
     }
 
     fn config(&self) -> &LimiterConfig {
@@ -694,6 +906,14 @@ impl Limiter {
         match self {
             Limiter::Local(l) => l,
             Limiter::Custom(c) => c.as_mut(),
+        }
+    }
+
+    /// Puts the key on its account's quota, or on its own (see
+    /// [`LocalLimiter::share`]). Custom limiters hold their own limits.
+    pub fn share(&mut self, quota: Option<&SharedQuota>, now: Now) {
+        if let Limiter::Local(l) = self {
+            l.share(quota, now);
         }
     }
 }

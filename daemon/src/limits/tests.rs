@@ -1,4 +1,5 @@
 use super::*;
+use crate::calendar::DAY_MS;
 use crate::clock::ManualClock;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -27,6 +28,7 @@ fn limiter(limits: Limits, shape: LimitShape) -> LocalLimiter {
             window: W,
             shape,
             probation: false,
+            daily_reset: DailyReset::default(),
         },
         at(0),
     )
@@ -51,7 +53,7 @@ fn now_reads_the_clock_and_maps_between_mono_and_unix_time() {
     assert_eq!(now, at(90));
     assert_eq!(now.unix_ms_at(secs(100)), BASE_MS + 100_000);
     assert_eq!(now.mono_at(BASE_MS + 30_000), secs(30));
-    assert_eq!(now.next_midnight(), secs(86_400));
+    assert_eq!(now.utc_day(), BASE_MS / DAY_MS);
 }
 
 #[test]
@@ -461,9 +463,9 @@ fn reconfigure_keeps_rolling_history_and_rebuilds_on_a_new_shape() {
         let t = l.admit(at(0), 0).unwrap();
         l.complete(t, at(0), None);
     }
-    let mut cfg = *l.config();
+    let mut cfg = l.config().clone();
     cfg.limits.rpm = Some(2);
-    l.reconfigure(cfg, at(1));
+    l.reconfigure(cfg.clone(), at(1));
     assert!(l.check(at(1), 0).is_err());
     cfg.shape = LimitShape::TokenBucket;
     l.reconfigure(cfg, at(1));
@@ -506,4 +508,257 @@ fn an_unproven_key_takes_one_call_at_a_time_until_its_first_success() {
     let held: Vec<_> = (0..5).map(|_| l.admit(at(2), 10).unwrap()).collect();
     assert_eq!(held.len(), 5);
     assert_eq!(l.check(at(2), 10), Err(Refusal::Busy));
+}
+
+/// Unix ms of an RFC 3339 instant.
+fn unix(s: &str) -> u64 {
+    s.parse::<jiff::Timestamp>().unwrap().as_millisecond() as u64
+}
+
+/// A limiter of `rpd` calls a day on `reset`'s calendar, driven by a
+/// `ManualClock` that starts at `start`.
+fn daily_limiter(rpd: u64, reset: &str, start: u64) -> (ManualClock, LocalLimiter) {
+    let clock = ManualClock::new(start);
+    let l = LocalLimiter::new(
+        LimiterConfig {
+            limits: Limits {
+                rpd: Some(rpd),
+                ..Limits::default()
+            },
+            daily_reset: DailyReset::parse(reset).unwrap(),
+            ..LimiterConfig::default()
+        },
+        Now::of(&clock),
+    );
+    (clock, l)
+}
+
+/// Admits and completes calls until the limiter refuses; how many passed.
+fn fill(l: &mut LocalLimiter, clock: &ManualClock) -> u64 {
+    let mut n = 0;
+    while let Ok(t) = l.admit(Now::of(clock), 1) {
+        l.complete(t, Now::of(clock), Some(1));
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn rpd_rolls_over_at_pacific_midnight_not_utc_midnight() {
+    // 2024-01-15 20:00 PST = 2024-01-16T04:00Z.
+    let (clock, mut l) =
+        daily_limiter(3, "00:00 America/Los_Angeles", unix("2024-01-16T04:00:00Z"));
+    assert_eq!(fill(&mut l, &clock), 3);
+    // The refusal says: until the next Pacific midnight (08:00Z), 4 h on.
+    assert_eq!(
+        l.check(Now::of(&clock), 1),
+        Err(Refusal::Until {
+            until: secs(4 * 3600),
+            gate: Gate::Rpd
+        })
+    );
+    // UTC midnight has passed (the clock started after it) and an hour
+    // later still nothing passes: it is 21:00 in Los Angeles.
+    clock.advance(secs(3600));
+    assert!(l.check(Now::of(&clock), 1).is_err());
+    // One ms before Pacific midnight: still the same day.
+    clock.set(secs(4 * 3600) - Duration::from_millis(1));
+    assert!(l.check(Now::of(&clock), 1).is_err());
+    assert_eq!(l.usage(Now::of(&clock)).day_requests, 3);
+    // Pacific midnight: a new day, a new allowance.
+    clock.set(secs(4 * 3600));
+    assert_eq!(l.usage(Now::of(&clock)).day_requests, 0);
+    assert_eq!(fill(&mut l, &clock), 3);
+}
+
+#[test]
+fn the_same_limiter_on_utc_rolls_over_at_utc_midnight() {
+    let (clock, mut l) = daily_limiter(3, "00:00 UTC", unix("2024-01-15T23:00:00Z"));
+    assert_eq!(fill(&mut l, &clock), 3);
+    assert_eq!(
+        l.check(Now::of(&clock), 1).unwrap_err().until(),
+        Some(secs(3600))
+    );
+    clock.advance(secs(3600));
+    assert_eq!(fill(&mut l, &clock), 3);
+}
+
+#[test]
+fn rpd_on_dst_transition_days_lasts_the_local_day() {
+    // 2024-03-10 in Los Angeles has 23 hours: 08:00Z to 07:00Z next day.
+    let (clock, mut l) =
+        daily_limiter(2, "00:00 America/Los_Angeles", unix("2024-03-10T08:00:00Z"));
+    assert_eq!(fill(&mut l, &clock), 2);
+    assert_eq!(
+        l.check(Now::of(&clock), 1).unwrap_err().until(),
+        Some(secs(23 * 3600)),
+        "a 23-hour day"
+    );
+    clock.set(secs(23 * 3600));
+    assert_eq!(fill(&mut l, &clock), 2, "PDT midnight, 07:00Z");
+    // 2024-11-03 has 25 hours: 07:00Z to 08:00Z next day.
+    let (clock, mut l) =
+        daily_limiter(2, "00:00 America/Los_Angeles", unix("2024-11-03T07:00:00Z"));
+    assert_eq!(fill(&mut l, &clock), 2);
+    clock.set(secs(24 * 3600));
+    assert!(
+        l.check(Now::of(&clock), 1).is_err(),
+        "24 h on it is 23:00 PST, still Nov 3"
+    );
+    clock.set(secs(25 * 3600));
+    assert_eq!(fill(&mut l, &clock), 2);
+}
+
+#[test]
+fn tickets_carry_the_provider_day() {
+    let reset = DailyReset::parse("00:00 America/Los_Angeles").unwrap();
+    let t0 = unix("2024-01-16T04:00:00Z");
+    let (clock, mut l) = daily_limiter(10, "00:00 America/Los_Angeles", t0);
+    let t = l.admit(Now::of(&clock), 1).unwrap();
+    assert_eq!(t.day(), reset.day_of(t0));
+    assert_eq!(crate::calendar::day_string(t.day()), "2024-01-15");
+    l.cancel(t, Now::of(&clock));
+}
+
+fn account_cfg(limits: Limits, max_concurrent: Option<u32>) -> LimiterConfig {
+    LimiterConfig {
+        limits,
+        max_concurrent,
+        window: W,
+        probation: true,
+        ..LimiterConfig::default()
+    }
+}
+
+#[test]
+fn keys_of_one_account_share_its_window_and_day() {
+    let quota = SharedQuota::new(
+        account_cfg(
+            Limits {
+                rpm: Some(10),
+                rpd: Some(15),
+                ..Limits::default()
+            },
+            None,
+        ),
+        at(0),
+    );
+    let mut a = LocalLimiter::sharing(account_cfg(Limits::default(), Some(8)), &quota);
+    let mut b = LocalLimiter::sharing(account_cfg(Limits::default(), Some(8)), &quota);
+    // Prove both keys (probation is per key).
+    for l in [&mut a, &mut b] {
+        let t = l.admit(at(0), 0).unwrap();
+        l.complete(t, at(0), Some(0));
+    }
+    let mut admitted = 2;
+    let mut tickets = Vec::new();
+    for i in 0.. {
+        let l = if i % 2 == 0 { &mut a } else { &mut b };
+        match l.admit(at(1), 0) {
+            Ok(t) => {
+                admitted += 1;
+                tickets.push((i % 2, t));
+            }
+            Err(r) => {
+                assert_eq!(r.until(), Some(secs(60)), "{r}");
+                break;
+            }
+        }
+    }
+    assert_eq!(admitted, 10, "10 per window between the two keys");
+    assert!(b.check(at(1), 0).is_err() && a.check(at(1), 0).is_err());
+    let ua = a.usage(at(1));
+    let ub = b.usage(at(1));
+    assert_eq!((ua.window_requests, ub.window_requests), (10, 10));
+    assert_eq!((ua.in_flight, ub.in_flight), (4, 4), "in flight is per key");
+    for (k, t) in tickets {
+        let l = if k == 0 { &mut a } else { &mut b };
+        l.complete(t, at(2), Some(0));
+    }
+    // The next window: the day's cap of 15 leaves 5 for both together.
+    let mut more = 0;
+    while a.admit(at(62), 0).is_ok() {
+        more += 1;
+    }
+    while b.admit(at(62), 0).is_ok() {
+        more += 1;
+    }
+    assert_eq!(more, 5);
+    assert_eq!(a.check(at(62), 0).unwrap_err().until(), Some(secs(86_400)));
+}
+
+#[test]
+fn concurrency_and_probation_stay_per_key_on_a_shared_quota() {
+    let quota = SharedQuota::new(account_cfg(rpm(100), None), at(0));
+    let mut a = LocalLimiter::sharing(account_cfg(Limits::default(), Some(1)), &quota);
+    let mut b = LocalLimiter::sharing(account_cfg(Limits::default(), Some(1)), &quota);
+    // Both unproven: one call each, at the same time.
+    let ta = a.admit(at(0), 0).unwrap();
+    assert_eq!(a.check(at(0), 0), Err(Refusal::Busy));
+    let tb = b.admit(at(0), 0).unwrap();
+    a.complete(ta, at(1), Some(0));
+    b.cancel(tb, at(1));
+    // A is proven, its cap of 1 holds; b is still on probation.
+    let _ta = a.admit(at(1), 0).unwrap();
+    assert_eq!(a.check(at(1), 0), Err(Refusal::Busy));
+    assert!(b.check(at(1), 0).is_ok());
+    // Learned limits are the account's.
+    a.observe(
+        &ObservedLimits {
+            requests_limit: Some(2),
+            ..Default::default()
+        },
+        at(1),
+    );
+    assert_eq!(b.effective_limits().rpm, Some(2));
+}
+
+#[test]
+fn an_account_gets_the_strictest_of_its_keys_limits() {
+    use crate::keys::{ApiKey, KeyId};
+    let provider = ProviderConfig {
+        limits: Limits {
+            rpm: Some(30),
+            tpm: Some(6000),
+            ..Limits::default()
+        },
+        ..ProviderConfig::default()
+    };
+    let mut k1 = ApiKey::new(KeyId::new("p", 1), Some("test-key-one-000".into()), "t");
+    k1.limits.tpm = Some(1000);
+    let mut k2 = ApiKey::new(KeyId::new("p", 2), Some("test-key-two-000".into()), "t");
+    k2.limits.rpd = Some(50);
+    k2.limits.rpm = Some(40);
+    let cfg = LimiterConfig::for_account(&provider, [&k1, &k2]);
+    assert_eq!(
+        cfg.limits,
+        Limits {
+            rpm: Some(30),
+            tpm: Some(1000),
+            rpd: Some(50),
+            tpd: None
+        }
+    );
+    assert_eq!(cfg.max_concurrent, None);
+}
+
+#[test]
+fn a_key_moves_between_its_own_quota_and_an_accounts() {
+    let quota = SharedQuota::new(account_cfg(rpm(1), None), at(0));
+    let mut l = LocalLimiter::new(
+        LimiterConfig {
+            probation: false,
+            ..account_cfg(rpm(5), None)
+        },
+        at(0),
+    );
+    assert!(!l.is_shared());
+    l.share(Some(&quota), at(0));
+    assert!(l.is_shared());
+    let t = l.admit(at(0), 0).unwrap();
+    l.complete(t, at(0), None);
+    assert!(l.check(at(0), 0).is_err(), "the account's rpm of 1");
+    l.share(None, at(0));
+    assert!(!l.is_shared());
+    assert!(l.check(at(0), 0).is_ok(), "its own, fresh quota of 5");
 }

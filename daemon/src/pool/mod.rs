@@ -403,6 +403,8 @@ pub struct KeySnapshot {
     pub source: String,
     pub weight: u32,
     pub models: Vec<String>,
+    /// The account whose limits the key shares, if any.
+    pub account: Option<String>,
     pub status: KeyStatus,
     pub reason: Option<String>,
     pub cooldown_until_ms: Option<u64>,
@@ -419,7 +421,7 @@ pub struct KeySnapshot {
     /// Usage of the current window, for usage bars.
     pub window_requests: u64,
     pub window_tokens: u64,
-    /// Today's (UTC) counts.
+    /// Today's counts (the provider's day; the account's when shared).
     pub day_requests: u64,
     pub day_tokens: u64,
     pub upstream_blocked_until_ms: Option<u64>,
@@ -945,11 +947,19 @@ impl KeyPool {
         }
     }
 
-    /// A provider's spend today (UTC), from reported costs.
+    /// A provider's spend today (its own day), from reported costs.
     pub fn spend_today(&self, provider: &str) -> f64 {
         let now = self.inner.now();
         self.provider(provider)
             .map_or(0.0, |p| lock(&p.state).spend_today(now))
+    }
+
+    /// When a provider's day starts (its `daily_reset`; UTC midnight for
+    /// an unknown provider).
+    pub fn daily_reset(&self, provider: &str) -> crate::calendar::DailyReset {
+        self.provider(provider)
+            .map(|p| lock(&p.state).settings.provider.daily_reset.clone())
+            .unwrap_or_default()
     }
 
     /// The provider config the pool applies (for the admin API).

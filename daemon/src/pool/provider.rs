@@ -234,10 +234,15 @@ pub(super) struct ProviderState {
     model_groups: Vec<Vec<u32>>,
     seq: u64,
     dirty: Vec<u32>,
-    /// Unflushed spend per day, and today's total.
+    /// Unflushed spend per day, and today's total (days are the provider's,
+    /// see `daily_reset`).
     spend: Vec<SpendDelta>,
     spend_day: u64,
     spend_today: f64,
+    /// The provider's current day, cached.
+    today: crate::calendar::CachedDay,
+    /// Quota pools: each account's shared quota and its keys (indexes).
+    accounts: HashMap<String, (crate::limits::SharedQuota, Vec<u32>)>,
     pub events: Option<UnboundedSender<KeyEvent>>,
     /// Reused between calls: per-group cursors of a merged scan.
     cursors: Vec<(u32, Option<LoadKey>)>,
@@ -254,7 +259,9 @@ impl ProviderState {
     pub fn new(name: Arc<str>, settings: Settings, now: Now) -> ProviderState {
         ProviderState {
             spend: Vec::new(),
-            spend_day: now.day(),
+            spend_day: provider_day(&settings, now),
+            today: Default::default(),
+            accounts: HashMap::new(),
             name,
             settings,
             keys: Vec::new(),
@@ -278,9 +285,16 @@ impl ProviderState {
     /// limiter, state and stats of every key whose id stays).
     pub fn sync(&mut self, settings: Settings, keys: &[ApiKey], now: Now) {
         self.settings = settings;
+        self.today = Default::default();
+        self.sync_accounts(keys, now);
         let mut seen = vec![false; self.keys.len()];
         for key in keys {
             let cfg = LimiterConfig::for_key(&self.settings.provider, key);
+            let quota = key
+                .account
+                .as_ref()
+                .and_then(|a| self.accounts.get(a))
+                .map(|(q, _)| q.clone());
             let models = sorted_models(key);
             match self.by_instance.get(&key.id.instance()).copied() {
                 Some(idx) => {
@@ -291,6 +305,7 @@ impl ProviderState {
                     e.key = Arc::new(key.clone());
                     e.weight = key.weight;
                     e.limiter.reconfigure(cfg, now);
+                    e.limiter.share(quota.as_ref(), now);
                     e.retired = false;
                     if self.groups[e.group as usize].models != models {
                         let old = e.group as usize;
@@ -305,7 +320,10 @@ impl ProviderState {
                     let idx = self.keys.len() as u32;
                     self.keys.push(Entry {
                         key: Arc::new(key.clone()),
-                        limiter: Limiter::Local(LocalLimiter::new(cfg, now)),
+                        limiter: Limiter::Local(match &quota {
+                            Some(q) => LocalLimiter::sharing(cfg, q),
+                            None => LocalLimiter::new(cfg, now),
+                        }),
                         state: KeyState::Available,
                         probing: false,
                         retired: false,
@@ -328,6 +346,13 @@ impl ProviderState {
                 }
             }
         }
+        for key in keys {
+            let idx = self.by_instance.get(&key.id.instance()).copied();
+            let slot = key.account.as_ref().and_then(|a| self.accounts.get_mut(a));
+            if let (Some(idx), Some((_, members))) = (idx, slot) {
+                members.push(idx);
+            }
+        }
         for (i, kept) in seen.into_iter().enumerate() {
             if !kept && !self.keys[i].retired {
                 let idx = i as u32;
@@ -335,6 +360,54 @@ impl ProviderState {
                 self.keys[i].retired = true;
                 self.uncount_live(idx);
             }
+        }
+    }
+
+    /// One shared quota per account named by `keys` (an account that stays
+    /// keeps its quota's history); each account's limits are the strictest
+    /// of its keys' (see `LimiterConfig::for_account`).
+    fn sync_accounts(&mut self, keys: &[ApiKey], now: Now) {
+        let mut members: HashMap<&str, Vec<&ApiKey>> = HashMap::new();
+        for key in keys {
+            if let Some(a) = &key.account {
+                members.entry(a.as_str()).or_default().push(key);
+            }
+        }
+        let mut old = std::mem::take(&mut self.accounts);
+        for (name, ks) in members {
+            let cfg = LimiterConfig::for_account(&self.settings.provider, ks.iter().copied());
+            let quota = match old.remove(name) {
+                Some((q, _)) => {
+                    q.reconfigure(cfg, now);
+                    q
+                }
+                None => crate::limits::SharedQuota::new(cfg, now),
+            };
+            // Members are filled in once every key has its index.
+            self.accounts.insert(name.to_string(), (quota, Vec::new()));
+        }
+    }
+
+    /// The other keys of `idx`'s account that wait on its quota (parked
+    /// while available) go back to the ready set: room came back early.
+    fn wake_account(&mut self, idx: u32, now: Now) {
+        let Some(account) = self.keys[idx as usize].key.account.as_deref() else {
+            return;
+        };
+        let Some((_, members)) = self.accounts.get(account) else {
+            return;
+        };
+        let parked: Vec<u32> = members
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let e = &self.keys[i as usize];
+                i != idx && matches!(e.loc, Loc::Parked(_)) && e.state == KeyState::Available
+            })
+            .collect();
+        for i in parked {
+            self.detach(i);
+            self.place(i, now);
         }
     }
 
@@ -990,10 +1063,11 @@ impl ProviderState {
     ) {
         self.touch(idx, |e| e.in_flight = e.in_flight.saturating_sub(1));
         let charged = ticket.tokens();
-        let charged_day = ticket.day();
+        let charged_day = ticket.day().max(0) as u64;
         let admitted = ticket.admitted();
         let mut daily_tokens = charged;
-        let day = now.day();
+        // Usage is reported by UTC day; spend counts against the provider's day.
+        let day = now.utc_day();
         let reprobe = self.settings.keys.reprobe_interval;
         let cooldown = self.settings.cooldown();
         let provider_cfg = &self.settings.provider;
@@ -1137,9 +1211,16 @@ impl ProviderState {
             usage_slot(&mut e.pending.usage, day, model).requests += 1;
         }
         if spent > 0.0 {
-            self.add_spend(spent, day);
+            let spend_day = self
+                .today
+                .day(&self.settings.provider.daily_reset, now.unix_ms)
+                .max(0) as u64;
+            self.add_spend(spent, spend_day);
         }
         self.mark_dirty(idx);
+        if refund {
+            self.wake_account(idx, now);
+        }
         match new_state {
             Some(state) => self.set_state(idx, state, now, true),
             None => {
@@ -1194,6 +1275,7 @@ impl ProviderState {
             source: e.key.source.clone(),
             weight: e.key.weight,
             models: e.key.models.clone(),
+            account: e.key.account.clone(),
             status: record.status,
             reason: record.reason,
             cooldown_until_ms: record.until_ms,
@@ -1258,7 +1340,7 @@ impl ProviderState {
     }
 
     pub fn spend_today(&self, now: Now) -> f64 {
-        if self.spend_day == now.day() {
+        if self.spend_day == provider_day(&self.settings, now) {
             self.spend_today
         } else {
             0.0
@@ -1267,8 +1349,9 @@ impl ProviderState {
 
     /// Adds spend already recorded today (from storage).
     pub fn restore_spend(&mut self, usd: f64, now: Now) {
-        if self.spend_day != now.day() {
-            self.spend_day = now.day();
+        let today = provider_day(&self.settings, now);
+        if self.spend_day != today {
+            self.spend_day = today;
             self.spend_today = 0.0;
         }
         self.spend_today += usd;
@@ -1333,6 +1416,11 @@ fn usage_slot(list: &mut Vec<(u64, u32, UsageDelta)>, day: u64, model: u32) -> &
         }
     };
     &mut list[pos].2
+}
+
+/// The provider's day (see `daily_reset`) at `now`, as stored.
+fn provider_day(settings: &Settings, now: Now) -> u64 {
+    settings.provider.daily_reset.day_of(now.unix_ms).max(0) as u64
 }
 
 #[cfg(test)]

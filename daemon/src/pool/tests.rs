@@ -26,6 +26,9 @@ fn key(n: u32, rng: &mut StdRng) -> ApiKey {
     if rng.random_bool(0.3) {
         k.max_concurrent = Some(rng.random_range(1..3));
     }
+    if rng.random_bool(0.4) {
+        k.account = Some(format!("acct{}", rng.random_range(0..2)));
+    }
     k
 }
 

@@ -115,6 +115,7 @@ pub fn key(id: &str, status: KeyStatus) -> KeyView {
         provider: provider.into(),
         instance: instance.parse().unwrap(),
         masked: FAKE_MASKED.into(),
+        account: None,
         status,
         reason: match status {
             KeyStatus::Disabled => Some("auth_failed: invalid API key".into()),
