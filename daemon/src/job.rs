@@ -222,6 +222,17 @@ pub fn parse_job_with(body: &[u8], limits: &JobLimits) -> Result<Job, (JobError,
     Ok(job)
 }
 
+/// Parses a job body as JSON in one pass, refusing a key that appears twice
+/// in any object (for callers that handle the JSON before [`parse_job`],
+/// such as the admin API's `/v1/run`).
+pub fn json_value(body: &[u8]) -> Result<serde_json::Value, JobError> {
+    match unique::from_slice(body) {
+        Ok((_, Some(d))) => Err(d.into_error()),
+        Ok((v, None)) => Ok(v),
+        Err(e) => Err(JobError::NotJson(e.to_string())),
+    }
+}
+
 /// Range checks on the numeric fields, on the JSON value itself so that an
 /// out-of-range number (`-1`, `2^64 - 1`, `1e308`) gets the same readable
 /// reason as any other, naming the field and the accepted range. Every
@@ -1019,6 +1030,14 @@ mod tests {
             Some(
                 serde_json::json!({"n":-3,"f":1.5,"big":18446744073709551615u64,"s":"x","z":null,"t":true})
             )
+        );
+        assert!(matches!(
+            json_value(br#"{"a":{"b":1,"b":1}}"#),
+            Err(JobError::DuplicateKey { .. })
+        ));
+        assert_eq!(
+            json_value(br#"{"a":[1,2]}"#).unwrap(),
+            serde_json::json!({"a":[1,2]})
         );
         // Not JSON stays "not JSON", trailing garbage included.
         assert!(matches!(reason("{}x").0, JobError::NotJson(_)));
