@@ -52,6 +52,11 @@ pub struct QueueConfig {
     pub result_ttl: Duration,
     /// Largest job body accepted, in bytes.
     pub max_job_bytes: usize,
+    /// Most `models` (fan-out) entries a job may have; more is refused.
+    pub max_models: usize,
+    /// Bytes of a job body kept in its `llmq:dead` record (the rest is cut;
+    /// the record keeps the original length).
+    pub dead_body_bytes: usize,
     /// Approximate cap of the `llmq:results` stream.
     pub results_maxlen: usize,
     /// How long in-flight jobs may run after SIGTERM before the rest is left pending.
@@ -363,6 +368,16 @@ impl Default for RedisConfig {
     }
 }
 
+impl QueueConfig {
+    /// The limits a job body is checked against.
+    pub fn job_limits(&self) -> crate::job::JobLimits {
+        crate::job::JobLimits {
+            max_bytes: self.max_job_bytes,
+            max_models: self.max_models,
+        }
+    }
+}
+
 impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
@@ -373,6 +388,8 @@ impl Default for QueueConfig {
             retry: RetryConfig::default(),
             result_ttl: Duration::from_secs(24 * 3600),
             max_job_bytes: crate::job::DEFAULT_MAX_JOB_BYTES,
+            max_models: crate::job::DEFAULT_MAX_MODELS,
+            dead_body_bytes: 4096,
             results_maxlen: 100_000,
             shutdown_grace: Duration::from_secs(30),
         }
@@ -1014,6 +1031,9 @@ fn validate(cfg: &Config) -> Result<(), Problem> {
     }
     if q.max_job_bytes == 0 {
         return Err(problem(qp("max_job_bytes"), "a size in bytes ≥ 1; got 0"));
+    }
+    if q.max_models == 0 {
+        return Err(problem(qp("max_models"), "a number of models ≥ 1; got 0"));
     }
     if q.results_maxlen == 0 {
         return Err(problem(qp("results_maxlen"), "a stream length ≥ 1; got 0"));

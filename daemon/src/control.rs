@@ -207,7 +207,7 @@ impl AdminBackend for Control {
             );
             let bytes =
                 serde_json::to_vec(&body).map_err(|e| AdminError::BadRequest(e.to_string()))?;
-            let job = crate::job::parse_job(&bytes, rt.config.queue.max_job_bytes)
+            let job = crate::job::parse_job_with(&bytes, &rt.config.queue.job_limits())
                 .map_err(|(e, _)| AdminError::BadRequest(e.to_string()))?;
             serde_json::to_value(rt.router.explain_data(&job))
                 .map_err(|e| AdminError::Internal(e.to_string()))
@@ -245,16 +245,15 @@ impl AdminBackend for Control {
             let mut conn = self.redis.clone();
             // The operator is waiting: the first (highest-priority) lane.
             let lane = self.lanes.first().map_or("high", String::as_str);
-            let id =
-                crate::queue::push_limited(&mut conn, lane, &text, rt.config.queue.max_job_bytes)
-                    .await
-                    .map_err(|e| AdminError::BadRequest(e.to_string()))?;
+            let id = crate::queue::push_with(&mut conn, lane, &text, &rt.config.queue.job_limits())
+                .await
+                .map_err(|e| AdminError::BadRequest(e.to_string()))?;
             let timeout = body
                 .get("deadline_s")
                 .and_then(|d| d.as_u64())
                 .map(Duration::from_secs)
                 .unwrap_or(rt.config.routing.default_deadline)
-                + Duration::from_secs(5);
+                .saturating_add(Duration::from_secs(5));
             // A dedicated connection: waiting blocks it.
             let mut waiter = crate::commands::connect(&rt.config.redis.url)
                 .await

@@ -193,13 +193,10 @@ impl Executor {
     pub async fn execute(&self, job: &Job, ctx: &JobContext) -> JobResult {
         let rt = self.runtime();
         let started = self.clock.now();
-        let deadline_after = job
-            .deadline_s
-            .map(Duration::from_secs)
-            .unwrap_or(rt.config.routing.default_deadline);
+        let deadline_after = job.deadline_or(rt.config.routing.default_deadline);
         let waited =
             Duration::from_millis(self.clock.unix_ms().saturating_sub(ctx.enqueued_unix_ms));
-        let deadline = started + deadline_after.saturating_sub(waited);
+        let deadline = started.saturating_add(deadline_after.saturating_sub(waited));
 
         let mut result = if job.models.is_empty() {
             let branch = self
@@ -269,8 +266,8 @@ impl Executor {
             .max_tokens
             .map(u64::from)
             .unwrap_or(llmq_sdk::estimate::DEFAULT_MAX_TOKENS);
-        let charged = prompt_tokens + max_tokens;
-        let spill_at = started + rt.config.routing.wait_for_cheaper;
+        let charged = prompt_tokens.saturating_add(max_tokens);
+        let spill_at = started.saturating_add(rt.config.routing.wait_for_cheaper);
         let mut transient_tries = 0u32;
         // Since when the job has been looking for its next call (the limiter
         // wait histogram gets one observation per call).

@@ -352,6 +352,11 @@ async fn queue_run_and_cluster_bodies() {
         let (status, _, _) = call(&srv.base, "POST", "/v1/run", Some(bad), Some(&bearer())).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}");
     }
+    // Duplicate keys would vanish in the re-serialized job: refused, named.
+    let dup = r#"{"id":"a","id":"b","messages":[{"role":"user","content":"hi"}]}"#;
+    let (status, _, text) = call(&srv.base, "POST", "/v1/run", Some(dup), Some(&bearer())).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("`id` more than once"), "{text}");
     assert_eq!(fake.state().runs.len(), 1);
 
     let (status, _, text) = call(&srv.base, "GET", "/v1/cluster", None, Some(&bearer())).await;

@@ -485,3 +485,27 @@ fn a_bad_daily_reset_in_env_names_the_variable() {
         "05:30 Asia/Kolkata"
     );
 }
+
+#[test]
+fn job_limits_load_with_defaults_and_refuse_zero_models() {
+    let cfg = load_from_str("", "test.toml").unwrap();
+    assert_eq!(cfg.queue.max_models, 32);
+    assert_eq!(cfg.queue.dead_body_bytes, 4096);
+    let limits = cfg.queue.job_limits();
+    assert_eq!((limits.max_bytes, limits.max_models), (1048576, 32));
+
+    let cfg = load_from_str(
+        "[queue]\nmax_models = 64\ndead_body_bytes = 0\n",
+        "test.toml",
+    )
+    .unwrap();
+    assert_eq!(cfg.queue.max_models, 64);
+    assert_eq!(cfg.queue.dead_body_bytes, 0);
+
+    let (file, field, expected) = err("[queue]\nmax_models = 0\n");
+    assert_eq!(
+        (file.as_str(), field.as_str()),
+        ("test.toml", "queue.max_models")
+    );
+    assert!(expected.contains("≥ 1"), "{expected}");
+}

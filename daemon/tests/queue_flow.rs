@@ -193,6 +193,7 @@ async fn malformed_jobs_are_dead_lettered_and_the_worker_keeps_serving() {
 
     let mut cfg = config(&url);
     cfg.queue.max_job_bytes = 2000;
+    cfg.queue.dead_body_bytes = 1000;
     let rec = Recorder::echo();
     let q = start(&cfg, rec.handler()).await;
     let good = wait_result(&url, "good", Duration::from_secs(10)).await;
@@ -218,6 +219,11 @@ async fn malformed_jobs_are_dead_lettered_and_the_worker_keeps_serving() {
     assert!(reason(&d).contains("does not match the job format"), "{d}");
     let d = dead(&mut c, &too_large).await.unwrap();
     assert!(reason(&d).contains("over the 2000-byte limit"), "{d}");
+    // Kept cut to dead_body_bytes, with the original length.
+    assert_eq!(d["job"].as_str().map(str::len), Some(1000), "{d}");
+    assert!(big.starts_with(d["job"].as_str().unwrap()));
+    assert_eq!(d["job_bytes"], big.len());
+    assert_eq!(d["job_truncated"], true);
     let d = dead(&mut c, &no_job).await.unwrap();
     assert!(reason(&d).contains("no `job` field"), "{d}");
 

@@ -173,7 +173,8 @@ async fn queue(State(s): State<AppState>) -> Result<Response, AdminError> {
 }
 
 async fn run(State(s): State<AppState>, body: Bytes) -> Result<Response, AdminError> {
-    let job: serde_json::Value = parse_json(&body)?;
+    // Duplicate keys are refused here: re-serialized, the job would lose them.
+    let job = crate::job::json_value(&body).map_err(|e| AdminError::BadRequest(e.to_string()))?;
     if !job.is_object() {
         return Err(AdminError::BadRequest(
             "the job must be a JSON object".into(),

@@ -3,7 +3,7 @@
 
 use crate::cli::{exit, Cli, Command, GlobalArgs, PluginsArgs};
 use crate::error::{Error, Result};
-use crate::job::{parse_job, JobResult, Status};
+use crate::job::{parse_job_with, JobResult, Status};
 use crate::queue::QueueError;
 use crate::serve::Options;
 use std::io::Read;
@@ -26,11 +26,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let body = read_arg_or_stdin(args.job.as_deref())?;
             let settings = options(g).load_config_only()?;
             let mut conn = connect(&settings.redis.url).await?;
-            let id = match crate::queue::push_limited(
+            let id = match crate::queue::push_with(
                 &mut conn,
                 &args.lane,
                 &body,
-                settings.queue.max_job_bytes,
+                &settings.queue.job_limits(),
             )
             .await
             {
@@ -74,7 +74,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 None => r#"{"messages":[{"role":"user","content":"hello"}]}"#.to_string(),
                 Some(s) => read_arg_or_stdin(Some(s))?,
             };
-            let job = match parse_job(body.as_bytes(), settings.config.queue.max_job_bytes) {
+            let job = match parse_job_with(body.as_bytes(), &settings.config.queue.job_limits()) {
                 Ok(job) => job,
                 Err((e, _)) => {
                     eprintln!("llmq: {e}");

@@ -289,15 +289,12 @@ async fn run_delivery(
 /// enqueue), plus a margin of 10% of the deadline (100 ms to 60 s) so the
 /// executor's own deadline handling always fires first.
 fn run_limit(job: &Job, ctx: &JobContext, default_deadline: Duration) -> Duration {
-    let deadline = job
-        .deadline_s
-        .map(Duration::from_secs)
-        .unwrap_or(default_deadline);
+    let deadline = job.deadline_or(default_deadline);
     let margin = (deadline / 10).clamp(Duration::from_millis(100), Duration::from_secs(60));
     let due_ms = ctx
         .enqueued_unix_ms
         .saturating_add(deadline.as_millis() as u64);
-    Duration::from_millis(due_ms.saturating_sub(unix_ms())) + margin
+    Duration::from_millis(due_ms.saturating_sub(unix_ms())).saturating_add(margin)
 }
 
 /// Fills what the executor may have left out: id, metadata echo,
@@ -354,7 +351,13 @@ pub(crate) fn finish(
             let r = complete_result(result, job_id, &ctx, &entry);
             Action::Dead {
                 field: job_id.to_string(),
-                record: dead_record(&reason, &entry.body, lane_name, ctx.attempt),
+                record: dead_record(
+                    &reason,
+                    entry.body.as_bytes(),
+                    shared.cfg.dead_body_bytes,
+                    lane_name,
+                    ctx.attempt,
+                ),
                 result: Some(ResultWrite::new(&r)),
             }
         }
@@ -373,7 +376,13 @@ pub(crate) fn finish(
                 r.queued_ms = ctx.queued_ms;
                 Action::Dead {
                     field: job_id.to_string(),
-                    record: dead_record(&msg, &entry.body, lane_name, ctx.attempt),
+                    record: dead_record(
+                        &msg,
+                        entry.body.as_bytes(),
+                        shared.cfg.dead_body_bytes,
+                        lane_name,
+                        ctx.attempt,
+                    ),
                     result: Some(ResultWrite::new(&r)),
                 }
             } else {
@@ -381,7 +390,8 @@ pub(crate) fn finish(
                 tracing::debug!(job = %job_id, attempt = ctx.attempt, ?delay, %reason, "queue: retrying job");
                 let history_json = serde_json::to_string(&history).unwrap_or_else(|_| "[]".into());
                 Action::Retry {
-                    due_ms: unix_ms() + delay.as_millis() as u64,
+                    due_ms: unix_ms()
+                        .saturating_add(delay.as_millis().try_into().unwrap_or(u64::MAX)),
                     member: encode_member(
                         lane_name,
                         ctx.attempt,

@@ -11,7 +11,7 @@ use super::{
     sleep_or_stop, stopped, unix_ms, JobContext, OutageBackoff, QueueError, Shared, BLOCK_MAX,
     FETCH_BATCH,
 };
-use crate::job::{parse_job, Attempt, FailureKind, Job, JobResult};
+use crate::job::{parse_job_with, Attempt, FailureKind, Job, JobResult};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Value};
 use std::sync::Arc;
@@ -477,7 +477,13 @@ fn crash_exhausted(shared: &Shared, c: Candidate) -> Write {
         release: Some(c.job.id.clone()),
         action: Action::Dead {
             field: c.job.id.clone(),
-            record: dead_record(&reason, &c.body, lane, c.attempt),
+            record: dead_record(
+                &reason,
+                c.body.as_bytes(),
+                shared.cfg.dead_body_bytes,
+                lane,
+                c.attempt,
+            ),
             result: Some(ResultWrite::new(&r)),
         },
     }
@@ -520,14 +526,20 @@ fn prepare(shared: &Shared, r: RawEntry, now_ms: u64) -> Prepared {
             lane: r.lane,
             action: Action::Dead {
                 field: r.id.clone(),
-                record: dead_record(&reason, &shown, lane_name, attempt),
+                record: dead_record(
+                    &reason,
+                    shown.as_bytes(),
+                    shared.cfg.dead_body_bytes,
+                    lane_name,
+                    attempt,
+                ),
                 result: None,
             },
             entry_id: r.id,
             release: None,
         });
     };
-    match parse_job(&body, shared.cfg.max_job_bytes) {
+    match parse_job_with(&body, &shared.cfg.job_limits()) {
         Err((e, id)) => {
             let reason = e.to_string();
             tracing::warn!(entry = %r.id, lane = lane_name, %reason, "queue: dead-lettering a malformed job");
@@ -536,12 +548,17 @@ fn prepare(shared: &Shared, r: RawEntry, now_ms: u64) -> Prepared {
                 res.queued_ms = now_ms.saturating_sub(enqueued_ms);
                 ResultWrite::new(&res)
             });
-            let body_text = String::from_utf8_lossy(&body).into_owned();
             Prepared::Write(Write {
                 lane: r.lane,
                 action: Action::Dead {
                     field: id.unwrap_or_else(|| r.id.clone()),
-                    record: dead_record(&reason, &body_text, lane_name, attempt),
+                    record: dead_record(
+                        &reason,
+                        &body,
+                        shared.cfg.dead_body_bytes,
+                        lane_name,
+                        attempt,
+                    ),
                     result,
                 },
                 entry_id: r.id,

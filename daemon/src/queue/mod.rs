@@ -50,7 +50,7 @@
 //! | `llmq:result:<id>` | string | result JSON, `EX result_ttl` |
 //! | `llmq:done:<id>` | list | status marker for `BLPOP`, same TTL |
 //! | `llmq:results` | stream | `id status result`, `MAXLEN ~ results_maxlen` |
-//! | `llmq:dead` | hash | id (or entry id) → `{"reason","job","lane","attempts","at"}` |
+//! | `llmq:dead` | hash | id (or entry id) → `{"reason","job","job_bytes","job_truncated","lane","attempts","at"}`; `job` is cut to `dead_body_bytes` |
 //!
 //! Entry fields: `job` (the job JSON, required); our re-enqueues add
 //! `attempts` (attempts already made), `enqueued_ms` (first enqueue) and
@@ -113,7 +113,7 @@ pub use keys::{
     done_key, entry_ms, inflight_key, lane_key, result_key, valid_lane, DEAD_KEY, DELAYED_KEY,
     GROUP, RESULTS_STREAM,
 };
-pub use producer::{get_result, push, push_limited, wait};
+pub use producer::{get_result, push, push_limited, push_with, wait};
 pub use stats::{stats, LaneStats, QueueStats};
 
 use crate::config::{Config, QueueConfig};

@@ -3,7 +3,7 @@
 
 use super::keys::{done_key, lane_key, result_key, valid_lane};
 use super::QueueError;
-use crate::job::{parse_job, JobResult, DEFAULT_MAX_JOB_BYTES};
+use crate::job::{parse_job_with, JobLimits, JobResult, DEFAULT_MAX_JOB_BYTES};
 use redis::aio::ConnectionLike;
 use std::time::{Duration, Instant};
 
@@ -28,10 +28,29 @@ pub async fn push_limited<C: ConnectionLike + Send>(
     job_json: &str,
     max_job_bytes: usize,
 ) -> Result<String, QueueError> {
+    push_with(
+        conn,
+        lane,
+        job_json,
+        &JobLimits {
+            max_bytes: max_job_bytes,
+            ..JobLimits::default()
+        },
+    )
+    .await
+}
+
+/// [`push`] with the daemon's limits (`queue.max_job_bytes`, `queue.max_models`).
+pub async fn push_with<C: ConnectionLike + Send>(
+    conn: &mut C,
+    lane: &str,
+    job_json: &str,
+    limits: &JobLimits,
+) -> Result<String, QueueError> {
     if !valid_lane(lane) {
         return Err(QueueError::InvalidLane(lane.to_string()));
     }
-    let job = parse_job(job_json.as_bytes(), max_job_bytes).map_err(|(e, _)| e)?;
+    let job = parse_job_with(job_json.as_bytes(), limits).map_err(|(e, _)| e)?;
     let body = serde_json::to_string(&job)
         .map_err(|e| crate::job::JobError::Invalid(format!("cannot serialize the job: {e}")))?;
     let _: String = redis::cmd("XADD")
@@ -76,10 +95,13 @@ pub async fn wait<C: ConnectionLike + Send>(
     if let Some(r) = get_result(conn, id).await? {
         return Ok(Some(r));
     }
-    let deadline = Instant::now() + timeout;
+    // A timeout too long for an Instant (`--timeout 1e20s`) waits "forever".
+    let deadline = Instant::now().checked_add(timeout);
     let done = done_key(id);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.map_or(Duration::MAX, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
         if left.is_zero() {
             return Ok(None);
         }

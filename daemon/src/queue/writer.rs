@@ -71,16 +71,53 @@ impl ResultWrite {
     }
 }
 
-/// The `llmq:dead` record of a job.
-pub(crate) fn dead_record(reason: &str, job_body: &str, lane: &str, attempts: u32) -> String {
+/// The `llmq:dead` record of a job. The body is kept up to `max_body` bytes
+/// (`queue.dead_body_bytes`, cut at a character boundary); `job_bytes` is its
+/// original length and `job_truncated` says whether it was cut.
+pub(crate) fn dead_record(
+    reason: &str,
+    job_body: &[u8],
+    max_body: usize,
+    lane: &str,
+    attempts: u32,
+) -> String {
+    let (job, truncated) = truncate_body(job_body, max_body);
     serde_json::json!({
         "reason": reason,
-        "job": job_body,
+        "job": job,
+        "job_bytes": job_body.len(),
+        "job_truncated": truncated,
         "lane": lane,
         "attempts": attempts,
         "at": crate::job::now_rfc3339(),
     })
     .to_string()
+}
+
+/// At most `max` bytes of `body` as text (invalid UTF-8 replaced), and
+/// whether anything was cut. Only the kept prefix is ever copied.
+fn truncate_body(body: &[u8], max: usize) -> (String, bool) {
+    let mut cut = body.len() > max;
+    let mut prefix = &body[..body.len().min(max)];
+    if cut {
+        // Drop a character split by the cut rather than show U+FFFD for it.
+        if let Err(e) = std::str::from_utf8(prefix) {
+            if e.error_len().is_none() {
+                prefix = &prefix[..e.valid_up_to()];
+            }
+        }
+    }
+    let mut text = String::from_utf8_lossy(prefix).into_owned();
+    if text.len() > max {
+        // Replacement characters are longer than the bytes they replaced.
+        let end = (0..=max)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        text.truncate(end);
+        cut = true;
+    }
+    (text, cut)
 }
 
 /// Runs until every sender is gone, writing what it receives in batches.
@@ -203,4 +240,54 @@ pub(crate) fn build(shared: &Shared, batch: &[Write]) -> redis::Pipeline {
         p.cmd("XDEL").arg(key).arg(&ids);
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(body: &[u8], max: usize) -> serde_json::Value {
+        serde_json::from_str(&dead_record("too large", body, max, "normal", 1)).unwrap()
+    }
+
+    #[test]
+    fn a_10_mb_dead_body_is_stored_truncated_with_its_original_length() {
+        let body = format!(
+            r#"{{"id":"big","messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "x".repeat(10 * 1024 * 1024)
+        );
+        let rec = record(body.as_bytes(), 4096);
+        let job = rec["job"].as_str().unwrap();
+        assert_eq!(job.len(), 4096);
+        assert!(body.starts_with(job));
+        assert_eq!(rec["job_bytes"], body.len());
+        assert_eq!(rec["job_truncated"], true);
+        assert_eq!(rec["reason"], "too large");
+        let whole = serde_json::to_string(&rec).unwrap();
+        assert!(
+            whole.len() < 5000,
+            "the record stays small: {}",
+            whole.len()
+        );
+    }
+
+    #[test]
+    fn short_bodies_are_kept_whole_and_cuts_respect_characters() {
+        let rec = record(b"{not json", 4096);
+        assert_eq!(rec["job"], "{not json");
+        assert_eq!(rec["job_bytes"], 9);
+        assert_eq!(rec["job_truncated"], false);
+        // "é" is two bytes: a cut through it drops it whole.
+        let rec = record("aé".as_bytes(), 2);
+        assert_eq!(rec["job"], "a");
+        assert_eq!(rec["job_truncated"], true);
+        // Invalid UTF-8 is shown with replacement characters, still within the limit.
+        let rec = record(&[0xff, 0xfe, b'a', b'b'], 4);
+        let job = rec["job"].as_str().unwrap();
+        assert!(job.len() <= 4 && job.starts_with('\u{fffd}'), "{job:?}");
+        assert_eq!(rec["job_bytes"], 4);
+        let rec = record(b"abc", 0);
+        assert_eq!(rec["job"], "");
+        assert_eq!(rec["job_truncated"], true);
+    }
 }
