@@ -81,11 +81,15 @@ mod tests {
         );
         let me = std::process::id();
         assert!(rss_kib(me).unwrap() > 0);
-        // Burn a little CPU so the counter cannot legitimately stay at zero forever.
+        // Burn CPU until the counter moves: it counts in clock ticks of CPU
+        // time, so a fixed wall-clock burn can see none on a loaded machine
+        // (it did on 2 busy cores). Ten seconds of wall time is the bound.
         let mut x = 0u64;
         let start = std::time::Instant::now();
-        while start.elapsed() < std::time::Duration::from_millis(30) {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        while cpu_us(me).unwrap() == 0 && start.elapsed() < std::time::Duration::from_secs(10) {
+            for _ in 0..100_000 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            }
         }
         assert!(x != 1);
         assert!(cpu_us(me).unwrap() > 0);
