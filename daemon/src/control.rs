@@ -352,7 +352,12 @@ impl AdminBackend for Control {
             let id =
                 crate::queue::push_limited(&mut conn, lane, &text, rt.config.queue.max_job_bytes)
                     .await
-                    .map_err(|e| AdminError::BadRequest(e.to_string()))?;
+                    .map_err(|e| match e {
+                        crate::queue::QueueError::Redis(e) => {
+                            AdminError::Unavailable(format!("redis: {e}"))
+                        }
+                        other => AdminError::BadRequest(other.to_string()),
+                    })?;
             let timeout = body
                 .get("deadline_s")
                 .and_then(|d| d.as_u64())

@@ -482,6 +482,7 @@ async fn readyz_answers_within_100ms_and_sees_redis_go_within_100ms() {
             "still ready 2 s after redis went: {r:?}"
         );
     };
+    eprintln!("readyz: not ready {seen:?} after redis went");
     assert!(
         seen <= Duration::from_millis(100),
         "not ready only {seen:?} after redis went"
