@@ -351,7 +351,7 @@ async fn twenty_thousand_idle_connections_leave_jobs_and_healthz_alone() {
         t0.elapsed()
     );
     assert!(
-        peak <= baseline + 512 + 32 + 64,
+        peak <= baseline + 512 + 32 + 128 && peak < (NOFILE as usize) / 2,
         "the daemon held {peak} descriptors (baseline {baseline}, admin cap 512)"
     );
     all_succeed(&s, &push_jobs(&s, "after", 20)).await;
