@@ -530,7 +530,7 @@ fn redis_connections(c: &mut redis::Connection) -> (u64, usize) {
 async fn run_uses_the_shared_redis_connection() {
     let _turn = SERIAL.lock().await;
     let s = setup("", None).await;
-    // Warm up (the first job restores nothing new, but routes are hot).
+    // One call first, so every connection the daemon keeps is already open.
     let first = s.admin.post("/v1/run", Some(&job_for("warm-run"))).await;
     assert_eq!(first.status, 200, "{first:?}");
     let mut c = s.redis.client();
