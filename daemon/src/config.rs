@@ -122,6 +122,19 @@ pub struct AdminConfig {
     pub listen: String,
     /// Name of the env var holding the bearer token.
     pub token_env: String,
+    /// A connection must send a complete request head within this long of
+    /// opening (or of its first byte after an idle spell), else it is
+    /// closed (slowloris).
+    #[serde(with = "humantime_serde_compat")]
+    pub header_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Most admin connections open at once; never more than a quarter of
+    /// the process's file-descriptor limit (the rest is kept for jobs). At
+    /// the cap a new connection replaces the longest-idle one, or is closed
+    /// at once when every connection is busy.
+    pub max_connections: usize,
 }
 
 /// Scale-out: every daemon on the same Redis behaves as one system.
@@ -439,6 +452,9 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: "127.0.0.1:9090".into(),
             token_env: "LLMQ_ADMIN_TOKEN".into(),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 256,
         }
     }
 }
@@ -1079,6 +1095,16 @@ fn validate(cfg: &Config) -> Result<(), Problem> {
                 vec![key("admin"), key("token_env")],
                 "the name of the env var holding the admin bearer token",
             ));
+        }
+        let admin = |f: &str| vec![key("admin"), key(f)];
+        if cfg.admin.header_timeout.is_zero() {
+            return Err(problem(admin("header_timeout"), "a duration > 0"));
+        }
+        if cfg.admin.idle_timeout.is_zero() {
+            return Err(problem(admin("idle_timeout"), "a duration > 0"));
+        }
+        if cfg.admin.max_connections == 0 {
+            return Err(problem(admin("max_connections"), "at least 1"));
         }
     }
     if let Some(f) = &cfg.keys.env_file {

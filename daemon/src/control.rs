@@ -23,9 +23,114 @@ use std::time::Duration;
 pub struct Control {
     pub executor: Arc<Executor>,
     pub keystore: Arc<KeyStore>,
+    /// The queue's shared connection; every admin route uses it (none opens
+    /// its own).
     pub redis: ConnectionManager,
     pub lanes: Vec<String>,
     pub unix_ms: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Redis health for `/readyz`, kept by a background PING.
+    pub probe: RedisProbe,
+}
+
+/// How often the readiness probe PINGs Redis.
+pub const PROBE_EVERY: Duration = Duration::from_millis(50);
+/// A PING not answered within this counts as Redis down.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+/// A recorded success older than this no longer counts (the probe stalled).
+const PROBE_STALE: Duration = Duration::from_secs(1);
+/// Longest pause between two looks for a `/v1/run` job's result.
+const RUN_POLL_MAX: Duration = Duration::from_millis(100);
+
+/// Redis reachability as last seen by a background task that PINGs it on
+/// the shared connection every [`PROBE_EVERY`], so `/readyz` answers at once
+/// from the recorded state and says "not ready" within about one probe of
+/// Redis going away. The task stops when this is dropped.
+pub struct RedisProbe {
+    state: Arc<ProbeState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct ProbeState {
+    ok: std::sync::atomic::AtomicBool,
+    /// Milliseconds since `epoch` of the last answered PING, plus one.
+    last_ok_ms: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+}
+
+impl ProbeState {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    }
+
+    /// Records one probe; logs when the state changes.
+    fn record(&self, ok: bool) {
+        use std::sync::atomic::Ordering;
+        if ok {
+            self.last_ok_ms.store(self.now_ms(), Ordering::Release);
+        }
+        let was = self.ok.swap(ok, Ordering::AcqRel);
+        match (was, ok) {
+            (true, false) => tracing::warn!("readiness: redis does not answer PING"),
+            (false, true) => tracing::info!("readiness: redis answers PING"),
+            _ => {}
+        }
+    }
+
+    fn redis_ok(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let last = self.last_ok_ms.load(Ordering::Acquire);
+        let fresh = last != 0
+            && self.now_ms().saturating_sub(last)
+                <= u64::try_from(PROBE_STALE.as_millis()).unwrap_or(u64::MAX);
+        self.ok.load(Ordering::Acquire) && fresh
+    }
+}
+
+async fn ping(conn: &mut ConnectionManager) -> bool {
+    matches!(
+        tokio::time::timeout(
+            PROBE_TIMEOUT,
+            redis::cmd("PING").query_async::<String>(conn)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+impl RedisProbe {
+    /// Probes once (at most [`PROBE_TIMEOUT`]), then keeps probing in the
+    /// background.
+    pub async fn start(mut conn: ConnectionManager) -> RedisProbe {
+        let state = Arc::new(ProbeState {
+            ok: std::sync::atomic::AtomicBool::new(true),
+            last_ok_ms: std::sync::atomic::AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+        });
+        state.record(ping(&mut conn).await);
+        let task = tokio::spawn({
+            let state = state.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(PROBE_EVERY).await;
+                    state.record(ping(&mut conn).await);
+                }
+            }
+        });
+        RedisProbe { state, task }
+    }
+
+    /// Did Redis answer the latest probe (recently)?
+    pub fn redis_ok(&self) -> bool {
+        self.state.redis_ok()
+    }
+}
+
+impl Drop for RedisProbe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// A pool snapshot as the API shows it.
@@ -247,38 +352,46 @@ impl AdminBackend for Control {
             let lane = self.lanes.first().map_or("high", String::as_str);
             let id = crate::queue::push_with(&mut conn, lane, &text, &rt.config.queue.job_limits())
                 .await
-                .map_err(|e| AdminError::BadRequest(e.to_string()))?;
+                .map_err(|e| match e {
+                    crate::queue::QueueError::Redis(e) => {
+                        AdminError::Unavailable(format!("redis: {e}"))
+                    }
+                    other => AdminError::BadRequest(other.to_string()),
+                })?;
             let timeout = body
                 .get("deadline_s")
                 .and_then(|d| d.as_u64())
                 .map(Duration::from_secs)
                 .unwrap_or(rt.config.routing.default_deadline)
                 .saturating_add(Duration::from_secs(5));
-            // A dedicated connection: waiting blocks it.
-            let mut waiter = crate::commands::connect(&rt.config.redis.url)
-                .await
-                .map_err(|e| AdminError::Unavailable(e.to_string()))?;
-            match crate::queue::wait(&mut waiter, &id, timeout)
-                .await
-                .map_err(|e| AdminError::Unavailable(e.to_string()))?
-            {
-                Some(r) => serde_json::to_value(r).map_err(|e| AdminError::Internal(e.to_string())),
-                None => Err(AdminError::Unavailable(format!(
-                    "job {id} did not finish within {timeout:?}"
-                ))),
+            // Polls the result on the shared connection: a blocking wait
+            // would need a connection of its own per request.
+            let started = std::time::Instant::now();
+            let mut pause = Duration::from_millis(5);
+            loop {
+                let result = crate::queue::get_result(&mut conn, &id)
+                    .await
+                    .map_err(|e| AdminError::Unavailable(e.to_string()))?;
+                if let Some(r) = result {
+                    return serde_json::to_value(r)
+                        .map_err(|e| AdminError::Internal(e.to_string()));
+                }
+                let left = timeout.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    return Err(AdminError::Unavailable(format!(
+                        "job {id} did not finish within {timeout:?}"
+                    )));
+                }
+                tokio::time::sleep(pause.min(left)).await;
+                pause = (pause * 2).min(RUN_POLL_MAX);
             }
         })
     }
 
     fn ready(&self) -> BoxFuture<'_, Readiness> {
         Box::pin(async move {
-            let mut conn = self.redis.clone();
-            let redis = redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .is_ok();
             Readiness {
-                redis,
+                redis: self.probe.redis_ok(),
                 plugins: self.executor.runtime().plugins.len(),
             }
         })

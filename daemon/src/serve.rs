@@ -525,11 +525,21 @@ async fn spawn_admin(
     daemon: &Daemon,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    // More descriptors for jobs and admin alike; the admin API takes at
+    // most a quarter of them (admin/server.rs).
+    let nofile = crate::admin::raise_nofile_limit();
     let Some(AdminEndpoint { addr, token }) = daemon.admin.clone() else {
         return Ok(None);
     };
+    let limits = crate::admin::ServerLimits::from_config(&daemon.settings.config.admin, nofile);
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(listen = %listener.local_addr()?, auth = token.is_some(), "admin API listening");
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        auth = token.is_some(),
+        max_connections = limits.max_connections,
+        fd_limit = %nofile.map_or_else(|| "unlimited".to_string(), |n| n.to_string()),
+        "admin API listening"
+    );
     let metrics = crate::metrics::install().ok();
     let clock = daemon.clock.clone();
     let control = crate::control::Control {
@@ -538,6 +548,7 @@ async fn spawn_admin(
         redis: daemon.queue.connection(),
         lanes: daemon.settings.config.queue.lanes.clone(),
         unix_ms: Arc::new(move || clock.unix_ms()),
+        probe: crate::control::RedisProbe::start(daemon.queue.connection()).await,
     };
     let router = crate::admin::router(Arc::new(control), token, metrics);
     let mut stop = stop;
@@ -549,7 +560,7 @@ async fn spawn_admin(
                 }
             }
         };
-        if let Err(e) = crate::admin::serve(listener, router, shutdown).await {
+        if let Err(e) = crate::admin::serve_with(listener, router, limits, shutdown).await {
             tracing::error!(error = %e, "admin API stopped");
         }
     })))

@@ -22,8 +22,12 @@ use super::{AdminBackend, AdminError};
 /// The dashboard: one self-contained page, no build step, no CDN.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
-/// How long `/readyz` and the `/metrics` gauge refresh wait on the backend.
+/// How long the `/metrics` gauge refresh waits on the backend.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long `/readyz` waits on the backend, which answers from a recorded
+/// probe, so a load balancer always gets its answer within this.
+const READY_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Reason recorded when `POST /v1/keys/{id}/disable` has no body.
 const DEFAULT_DISABLE_REASON: &str = "disabled by operator";
@@ -221,7 +225,7 @@ async fn healthz() -> &'static str {
 /// 200 when Redis answers and at least one plugin is loaded, else 503 with
 /// the reason.
 async fn readyz(State(s): State<AppState>) -> Response {
-    let (status, body) = match tokio::time::timeout(PROBE_TIMEOUT, s.backend.ready()).await {
+    let (status, body) = match tokio::time::timeout(READY_TIMEOUT, s.backend.ready()).await {
         Ok(r) => match r.reason() {
             None => (
                 StatusCode::OK,

@@ -16,11 +16,16 @@
 //! closes, never sent anywhere but this origin's `Authorization` header) and
 //! retries. So a token-protected daemon leaks nothing through `/`.
 //!
+//! **Connections.** The listener has header and idle timeouts and a cap on
+//! connections that leaves most file descriptors to job traffic; see
+//! [`serve_with`] and the `server` module.
+//!
 //! **No secrets.** Responses carry key ids and masked forms only, and errors
 //! never echo the request's `Authorization` header.
 
 mod api;
 mod auth;
+mod server;
 mod types;
 
 use std::future::Future;
@@ -35,6 +40,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+pub use server::{connection_cap, raise_nofile_limit, serve_with, ServerLimits, FD_SHARE};
 pub use types::{
     KeyLimits, KeyStatus, KeyView, LaneDepth, ParkedModel, QueueView, Readiness, UsageCount,
     UsageRow,
@@ -147,14 +153,13 @@ pub fn router(
     api::build(api::AppState { backend, metrics }, auth::Auth { token })
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then finishes the
-/// requests in progress.
+/// Serves `router` on `listener` with the default [`ServerLimits`] until
+/// `shutdown` resolves, then finishes the requests in progress. The daemon
+/// uses [`serve_with`] and the limits of `[admin]`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_with(listener, router, ServerLimits::default(), shutdown).await
 }
