@@ -30,13 +30,22 @@ fn oa() -> Vec<Provider> {
 
 /// The resident set of a process, in bytes (`VmRSS` of /proc/PID/status).
 fn rss_bytes(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmRSS:")
+}
+
+/// Peak resident set of the process so far (`VmHWM`).
+fn peak_rss_bytes(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmHWM:")
+}
+
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
     let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"));
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
     kb * 1024
 }
 
@@ -349,9 +358,10 @@ async fn a_huge_or_endless_body_fails_the_call_as_transient_without_growing_the_
     let pid = daemon.pid().expect("the daemon runs");
     let before = rss_bytes(pid);
 
-    // 100 MB declared and sent; then a chunked body that never ends (read up
-    // to the 16 MiB default cap). Each call fails, the key backs off, and
-    // the job's retry on the same key succeeds.
+    // A plain body (100 MB, Content-Length declared and sent at full
+    // speed), then a chunked body that never ends: each is read up to the
+    // 16 MiB default cap. Each call fails, the key backs off, and the job's
+    // retry on the same key succeeds.
     for (id, kind) in [
         ("huge", FailureKind::HugeBody),
         ("endless", FailureKind::EndlessBody),
@@ -367,6 +377,14 @@ async fn a_huge_or_endless_body_fails_the_call_as_transient_without_growing_the_
         assert!(r.attempts.iter().all(|a| a.key == "oa#1"), "{r:?}");
     }
     let after = rss_bytes(pid);
+    // Issue 15: the peak stays within max_response_bytes + 50 MB.
+    let peak = peak_rss_bytes(pid);
+    assert!(
+        peak < before + (16 << 20) + (50 << 20),
+        "peak RSS {} KiB, from {} KiB",
+        peak / 1024,
+        before / 1024
+    );
     let grown = after.saturating_sub(before);
     eprintln!("daemon RSS {} → {} KiB", before / 1024, after / 1024);
     assert!(
