@@ -113,6 +113,15 @@ pub struct KeysConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PluginsConfig {
     pub dir: String,
+    /// How long one plugin call (`prepare`, `parse`) may run. Calls run on
+    /// their own threads; one over the limit fails its job, and its thread
+    /// is abandoned (a plugin call cannot be killed, only left behind).
+    #[serde(with = "humantime_serde_compat")]
+    pub call_timeout: Duration,
+    /// A plugin whose calls time out this many times within 10 minutes is
+    /// quarantined until the next reload (its providers are disabled);
+    /// 0 never quarantines.
+    pub quarantine_after: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -443,6 +452,8 @@ impl Default for PluginsConfig {
     fn default() -> Self {
         PluginsConfig {
             dir: "/usr/lib/llmq/plugins".into(),
+            call_timeout: Duration::from_secs(2),
+            quarantine_after: 3,
         }
     }
 }
@@ -1077,6 +1088,12 @@ fn validate(cfg: &Config) -> Result<(), Problem> {
         return Err(problem(
             vec![key("plugins"), key("dir")],
             "a directory path",
+        ));
+    }
+    if cfg.plugins.call_timeout.is_zero() {
+        return Err(problem(
+            vec![key("plugins"), key("call_timeout")],
+            "a duration > 0",
         ));
     }
     let listen = cfg.admin.listen.trim();

@@ -223,14 +223,23 @@ impl AdminBackend for Control {
     fn keys(&self) -> BoxFuture<'_, Result<Vec<KeyView>, AdminError>> {
         Box::pin(async move {
             let now = (self.unix_ms)();
-            Ok(self
-                .executor
-                .runtime()
+            let rt = self.executor.runtime();
+            let mut views: Vec<KeyView> = rt
                 .pool
                 .snapshot()
                 .iter()
                 .map(|s| key_view(s, now))
-                .collect())
+                .collect();
+            // A provider whose plugin is not loaded (or is quarantined) is
+            // disabled, whatever its keys' own state.
+            for v in &mut views {
+                let plugin = rt.config.providers.get(&v.provider).map(|p| &p.plugin);
+                if let Some(why) = plugin.and_then(|p| rt.plugins.unavailable(p)) {
+                    v.status = ViewStatus::Disabled;
+                    v.reason = Some(why);
+                }
+            }
+            Ok(views)
         })
     }
 
@@ -395,6 +404,10 @@ impl AdminBackend for Control {
                 plugins: self.executor.runtime().plugins.len(),
             }
         })
+    }
+
+    fn plugin_problems(&self) -> Vec<String> {
+        self.executor.runtime().plugins.problems()
     }
 
     fn cluster(&self) -> BoxFuture<'_, Result<serde_json::Value, AdminError>> {

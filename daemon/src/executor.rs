@@ -775,7 +775,7 @@ impl Executor {
     ) -> Result<llmq_sdk::Parsed, CallFailure> {
         let plugin = rt
             .plugins
-            .get(&route.plugin)
+            .handle(&route.plugin)
             .map_err(|e| CallFailure::Plugin(e.to_string()))?;
         let input = PrepareInput {
             request: ChatRequest {
@@ -794,6 +794,7 @@ impl Executor {
         };
         let request = plugin
             .prepare(&input)
+            .await
             .map_err(|e| CallFailure::Plugin(e.to_string()))?;
         let clock = self.clock.clone();
         // A call never outlives its job.
@@ -805,6 +806,7 @@ impl Executor {
             .map_err(CallFailure::Network)?;
         plugin
             .parse(&response)
+            .await
             .map_err(|e| CallFailure::Plugin(e.to_string()))
     }
 }

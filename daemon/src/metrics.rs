@@ -112,6 +112,16 @@ pub fn describe() {
         "Retries waiting for their due time."
     );
     describe_gauge!(JOBS_DEAD, Unit::Count, "Dead-lettered jobs.");
+    describe_counter!(
+        crate::plugin_host::PLUGIN_TIMEOUTS_TOTAL,
+        Unit::Count,
+        "Plugin calls abandoned at [plugins] call_timeout, by plugin and call."
+    );
+    describe_gauge!(
+        crate::plugin_host::PLUGIN_QUARANTINED,
+        Unit::Count,
+        "1 for a plugin quarantined (its calls kept timing out) until the next reload."
+    );
 }
 
 /// Sets `llmq_key_state{key,state}`: 1 for the key's state, 0 for the others,

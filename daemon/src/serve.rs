@@ -17,7 +17,7 @@ use crate::executor::{Executor, ExecutorHandler, Runtime};
 use crate::job::Job;
 use crate::keys::{load_keys, EnvSource, KeyRing};
 use crate::keystore::KeyStore;
-use crate::plugin_host::PluginHost;
+use crate::plugin_host::{CallLimits, PluginHost};
 use crate::pool::KeyPool;
 use crate::queue::{Disposition, JobContext, JobHandler, Queue};
 use crate::router::RouteTable;
@@ -79,44 +79,59 @@ impl Options {
     }
 }
 
-/// Builds the routes, budgets and runtime for a config and key ring.
+/// Builds the routes, budgets and runtime for a config and key ring, and
+/// loads each provider's spend of the day into the budgets.
 pub fn build_runtime(
     settings: &Settings,
     pool: Arc<KeyPool>,
     plugins: Arc<PluginHost>,
     clock: &SharedClock,
 ) -> Result<Runtime> {
+    let runtime = plan_runtime(settings, pool, plugins);
+    load_spend(&runtime, clock);
+    Ok(runtime)
+}
+
+/// The routes and budgets for a config, key ring and plugins; touches
+/// nothing shared (a reload builds this before it changes anything). A
+/// provider whose plugin is not loaded (or is quarantined) is not routed
+/// to: it is disabled with that reason (`/v1/keys`, `/readyz`).
+fn plan_runtime(settings: &Settings, pool: Arc<KeyPool>, plugins: Arc<PluginHost>) -> Runtime {
     let config = &settings.config;
     let ring = &settings.ring;
-    let router = RouteTable::new(config, |p| !ring.for_provider(p).is_empty());
-    // Every provider that can be routed to needs its plugin.
-    for route in router.routes() {
-        if plugins.get(&route.plugin).is_err() {
-            return Err(Error::config(
-                "config",
-                format!("providers.{}.plugin", route.provider),
-                format!(
-                    "a loaded plugin; {:?} is not in the plugins dir {} (loaded: {})",
-                    route.plugin,
-                    plugins.dir().display(),
-                    plugins.names().collect::<Vec<_>>().join(", ")
-                ),
-            ));
+    let plugin_ok = |provider: &str| {
+        config
+            .providers
+            .get(provider)
+            .is_some_and(|p| plugins.unavailable(&p.plugin).is_none())
+    };
+    let router = RouteTable::new(config, |p| !ring.for_provider(p).is_empty() && plugin_ok(p));
+    for (name, p) in &config.providers {
+        if ring.for_provider(name).is_empty() {
+            continue;
+        }
+        if let Some(why) = plugins.unavailable(&p.plugin) {
+            tracing::error!(provider = %name, reason = %why, "provider disabled: its plugin cannot serve");
         }
     }
-    let budgets = Budgets::for_providers(&config.providers);
-    let now = clock.unix_ms();
-    for (provider, _, _) in budgets.snapshot(now) {
-        budgets.load_spent(&provider, pool.spend_today(&provider), now);
-    }
-    Ok(Runtime {
+    Runtime {
         config: Arc::new(config.clone()),
         router: Arc::new(router),
         pool,
         plugins,
-        budgets: Arc::new(budgets),
+        budgets: Arc::new(Budgets::for_providers(&config.providers)),
         global: None,
-    })
+    }
+}
+
+/// Loads each provider's spend of the day (from the pool) into the budgets.
+fn load_spend(runtime: &Runtime, clock: &SharedClock) {
+    let now = clock.unix_ms();
+    for (provider, _, _) in runtime.budgets.snapshot(now) {
+        runtime
+            .budgets
+            .load_spent(&provider, runtime.pool.spend_today(&provider), now);
+    }
 }
 
 /// A daemon that has started and is serving; created by [`start`].
@@ -162,9 +177,12 @@ pub async fn start(opts: &Options) -> Result<Daemon> {
     // Fail fast on an unsafe admin address, before plugins or Redis.
     let admin = admin_endpoint(&settings, &config_name(opts))?;
     let clock: SharedClock = Arc::new(SystemClock::default());
-    let plugins = Arc::new(PluginHost::load_dir(std::path::Path::new(
-        &settings.config.plugins.dir,
-    ))?);
+    // A plugin file that cannot load is refused (logged, shown in `/readyz`);
+    // every provider whose plugin loaded serves.
+    let plugins = Arc::new(PluginHost::default().reload(
+        std::path::Path::new(&settings.config.plugins.dir),
+        CallLimits::of(&settings.config.plugins),
+    )?);
     let pool = Arc::new(KeyPool::new(
         &settings.config,
         &settings.ring,
@@ -396,24 +414,33 @@ struct ReloadHandle {
 }
 
 impl ReloadHandle {
+    /// All or nothing: the new config, keys, plugins, routes and budgets are
+    /// built and checked (as `serve` checks them at start) before anything
+    /// changes; only then are the pool, the cluster gate and the runtime
+    /// switched over. A reload that fails changes nothing.
     fn reload(&self, opts: &Options) -> Result<()> {
         let settings = opts.load()?;
+        let file = config_name(opts);
+        // What start-up refuses, a reload refuses too (these settings
+        // themselves take effect at the next restart).
+        admin_endpoint(&settings, &file)?;
+        upstream_client(&settings.config, &file)?;
         let old = self.executor.runtime();
-        // Plugins are never unloaded; new files in the dir are added.
-        let mut host = (*old.plugins).clone();
-        if let Ok(fresh) =
-            PluginHost::load_dir_lenient(std::path::Path::new(&settings.config.plugins.dir))
+        if settings.config.upstream != old.config.upstream
+            || settings.config.admin != old.config.admin
         {
-            for name in fresh.names() {
-                if host.get(name).is_err() {
-                    if let Ok(p) = fresh.get(name) {
-                        let _ = host.insert(p.clone());
-                    }
-                }
-            }
+            tracing::warn!("[upstream] and [admin] changes take effect at the next restart");
         }
+        // Plugins are never unloaded: files seen before are reused, new
+        // ones loaded.
+        let host = old.plugins.reload(
+            std::path::Path::new(&settings.config.plugins.dir),
+            CallLimits::of(&settings.config.plugins),
+        )?;
+        let mut runtime = plan_runtime(&settings, self.pool.clone(), Arc::new(host));
+        // Nothing below can fail.
         self.pool.reload(&settings.config, &settings.ring);
-        let mut runtime = build_runtime(&settings, self.pool.clone(), Arc::new(host), &self.clock)?;
+        load_spend(&runtime, &self.clock);
         runtime.global = old.global.clone();
         if let Some(gate) = &runtime.global {
             gate.configure(&settings.config, &settings.ring);

@@ -210,8 +210,19 @@ impl LoadedPlugin {
     pub fn parse(&self, response: &HttpResponse) -> Result<Parsed, CallError> {
         let json =
             serde_json::to_vec(response).map_err(|e| self.garbage("parse", e.to_string()))?;
-        let out = self.call_raw("parse", Some(&json))?;
+        self.parse_bytes(&json)
+    }
+
+    /// `parse` with an already-encoded [`HttpResponse`] (a host that calls
+    /// plugins on another thread encodes on its own).
+    pub fn parse_bytes(&self, json: &[u8]) -> Result<Parsed, CallError> {
+        let out = self.call_raw("parse", Some(json))?;
         serde_json::from_slice(&out).map_err(|e| self.garbage("parse", e.to_string()))
+    }
+
+    /// The error for a failure to encode a call's input (host side).
+    pub fn encode_error(&self, call: &'static str, reason: String) -> CallError {
+        self.garbage(call, reason)
     }
 
     fn garbage(&self, call: &'static str, reason: String) -> CallError {

@@ -225,7 +225,7 @@ async fn healthz() -> &'static str {
 /// 200 when Redis answers and at least one plugin is loaded, else 503 with
 /// the reason.
 async fn readyz(State(s): State<AppState>) -> Response {
-    let (status, body) = match tokio::time::timeout(READY_TIMEOUT, s.backend.ready()).await {
+    let (status, mut body) = match tokio::time::timeout(READY_TIMEOUT, s.backend.ready()).await {
         Ok(r) => match r.reason() {
             None => (
                 StatusCode::OK,
@@ -241,6 +241,13 @@ async fn readyz(State(s): State<AppState>) -> Response {
             serde_json::json!({"ready": false, "error": "readiness check timed out"}),
         ),
     };
+    // Refused plugin files and quarantined plugins: the daemon serves
+    // without them (their providers are disabled), so they do not make it
+    // unready, but the operator sees them here.
+    let problems = s.backend.plugin_problems();
+    if !problems.is_empty() {
+        body["plugin_problems"] = serde_json::json!(problems);
+    }
     (status, Json(body)).into_response()
 }
 

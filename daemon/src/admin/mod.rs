@@ -73,6 +73,11 @@ pub trait AdminBackend: Send + Sync + 'static {
     fn ready(&self) -> BoxFuture<'_, Readiness>;
     /// The daemons sharing this Redis; may be `[]`.
     fn cluster(&self) -> BoxFuture<'_, Result<serde_json::Value, AdminError>>;
+    /// Plugin files that were refused and plugins that are quarantined, one
+    /// message each naming the file or plugin (`/readyz` shows them).
+    fn plugin_problems(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// An admin failure, answered as `{"error": "..."}` with 404/400/503/500.

@@ -21,12 +21,13 @@ pub const FIXTURE_PACKAGES: &[&str] = &[
     "llmq-fixture-panicky",
     "llmq-fixture-garbage",
     "llmq-fixture-bad-abi",
+    "llmq-fixture-looping",
 ];
 
 static DIR: OnceLock<PathBuf> = OnceLock::new();
 static FIXTURES: OnceLock<Vec<PathBuf>> = OnceLock::new();
 
-/// The built `.so` of a fixture plugin, by its short name (`panicky`, `garbage`, `bad-abi`).
+/// The built `.so` of a fixture plugin, by its short name (`panicky`, `garbage`, `bad-abi`, `looping`).
 pub fn fixture_plugin(name: &str) -> PathBuf {
     let files = FIXTURES.get_or_init(|| build_cdylibs(FIXTURE_PACKAGES));
     let stem = format!("llmq_fixture_{}", name.replace('-', "_"));
