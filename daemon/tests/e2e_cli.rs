@@ -414,8 +414,9 @@ async fn check_config_routes_and_plugins_describe_the_setup() {
     assert_eq!(v["keys"], 1);
     assert_eq!(v["routes"], 1);
 
-    // A routed provider whose plugin is not in the plugins dir: serve would
-    // refuse to start, so check-config says so with the file and field.
+    // A routed provider whose plugin is not in the plugins dir: serve starts
+    // with that provider disabled (its keys say why), and check-config, the
+    // operator's pre-flight, fails naming the file and field.
     let other = Llmq::new().env("OA_API_KEY_1", SECRET);
     let bad = other
         .config_file(&oa_config(&redis, &mock).replace("plugin = \"openai\"", "plugin = \"nope\""));
