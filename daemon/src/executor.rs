@@ -338,19 +338,11 @@ impl Executor {
                     }
                 }
                 let est_cost = route.estimate_cost(prompt_tokens, max_tokens);
-                // Reserved here when it fits; given back below unless a key is granted.
-                match rt
-                    .budgets
-                    .try_reserve(&route.provider, est_cost, self.clock.unix_ms())
-                {
-                    BudgetCheck::Fits => {}
-                    BudgetCheck::Pending => {
-                        // Calls in flight hold the rest of the budget; they may
-                        // settle for less. Their reports wake us.
-                        bar.get_or_insert(route.tier);
-                        continue;
-                    }
-                    BudgetCheck::Reached { cap, spent } => {
+                // Reserved here when it fits; the guard gives it back at the
+                // end of this iteration unless a key is granted.
+                let reservation = match rt.budgets.hold(&route.provider, est_cost, &self.clock) {
+                    Ok(r) => r,
+                    Err(BudgetCheck::Reached { cap, spent }) => {
                         never.push(format!(
                             "{}: daily budget of ${cap} for provider {} reached (${spent:.6} spent today; this job needs up to ${est_cost:.6})",
                             route.name(),
@@ -358,7 +350,13 @@ impl Executor {
                         ));
                         continue;
                     }
-                }
+                    Err(_) => {
+                        // Calls in flight hold the rest of the budget; they may
+                        // settle for less. Their reports wake us.
+                        bar.get_or_insert(route.tier);
+                        continue;
+                    }
+                };
                 let req = AcquireRequest {
                     provider: &route.provider,
                     model: &route.model,
@@ -377,7 +375,7 @@ impl Executor {
                     Acquire::Granted(permit) => {
                         bar.get_or_insert(route.tier);
                         let Some(until) = backing_off(permit.key_id()) else {
-                            granted = Some((route.clone(), permit, est_cost));
+                            granted = Some((route.clone(), permit, reservation));
                             break;
                         };
                         // This key failed transiently for this job: ask for
@@ -387,7 +385,7 @@ impl Executor {
                         let mut hold = until;
                         match other {
                             Acquire::Granted(p) if backing_off(p.key_id()).is_none() => {
-                                granted = Some((route.clone(), p, est_cost));
+                                granted = Some((route.clone(), p, reservation));
                                 break;
                             }
                             Acquire::Granted(p) => rt.pool.report(p, Fate::NotSent),
@@ -405,10 +403,10 @@ impl Executor {
                     }
                     Acquire::Never(why) => never.push(format!("{}: {why}", route.name())),
                 }
-                rt.budgets
-                    .release(&route.provider, est_cost, self.clock.unix_ms());
+                // No key: the reservation is given back here.
+                reservation.release();
             }
-            let Some((route, permit, est_cost)) = granted else {
+            let Some((route, permit, reservation)) = granted else {
                 if bar.is_none()
                     && !too_large.is_empty()
                     && routes.iter().all(|r| too_large.contains_key(&r.name()))
@@ -441,17 +439,21 @@ impl Executor {
                 }
                 continue;
             };
+            // From here every resource is held by a guard (the budget
+            // reservation, the pool's permit, the gate's call), so an early
+            // return, a panic or this future dropped in the middle of the
+            // call (the queue's safety net, a shutdown) releases it: the
+            // reservation is given back, the permit ends with an unknown
+            // fate (its probe freed), the gate's call completes as cancelled.
+            //
             // Scale-out: the key's limits, state and probation across every
-            // daemon on this Redis (global.rs); a refusal re-plans at once.
+            // daemon on this Redis (global.rs); a refusal re-plans at once
+            // (and drops the reservation).
             let (permit, global_call) = match &rt.global {
                 None => (permit, None),
                 Some(gate) => match gate.admit_permit(&rt.pool, permit).await {
                     Some((permit, call)) => (permit, Some(call)),
-                    None => {
-                        rt.budgets
-                            .release(&route.provider, est_cost, self.clock.unix_ms());
-                        continue;
-                    }
+                    None => continue,
                 },
             };
 
@@ -481,6 +483,16 @@ impl Executor {
                 rt.pool.resolve_reset(&route.provider, &mut p.outcome);
                 p
             });
+            // Nothing is billed unless the call succeeded: the reservation
+            // is given back now, before the key's report wakes the jobs
+            // that wait for budget.
+            let reservation = match &outcome {
+                Ok(p) if matches!(p.outcome, Outcome::Success { .. }) => Some(reservation),
+                _ => {
+                    reservation.release();
+                    None
+                }
+            };
             if let (Some(gate), Some(call)) = (&rt.global, global_call) {
                 let fate = match &outcome {
                     Ok(p) => Fate::from_outcome(&p.outcome, 0.0),
@@ -511,14 +523,10 @@ impl Executor {
             let parsed = match outcome {
                 Ok(p) => p,
                 Err(CallFailure::Plugin(msg)) => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
                     rt.pool.report(permit, Fate::Untouched);
                     return fail(branch, FailureKind::Upstream, msg, now);
                 }
                 Err(CallFailure::Network(e)) => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
                     rt.pool.report(permit, network_fate(&e));
                     let msg = e.to_string();
                     match e {
@@ -579,8 +587,9 @@ impl Executor {
                     refusal,
                 } => {
                     let cost = route.cost(usage.input_tokens, usage.output_tokens);
-                    rt.budgets
-                        .settle(&route.provider, est_cost, cost, self.clock.unix_ms());
+                    if let Some(r) = reservation {
+                        r.settle(cost);
+                    }
                     rt.pool.report(
                         permit,
                         Fate::Success {
@@ -605,8 +614,6 @@ impl Executor {
                     return branch;
                 }
                 Outcome::RateLimited { retry_after_ms } => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
                     tracing::warn!(key = %key_id, retry_after_ms, "upstream 429: cooling key down");
                     rt.pool.report(
                         permit,
@@ -617,8 +624,6 @@ impl Executor {
                     last_upstream_error = Some(format!("rate limited: {message}"));
                 }
                 Outcome::QuotaExhausted { reset, scope } => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
                     let until = reset.as_ref().map(|r| {
                         crate::pool::rfc3339_ms(rt.pool.quota_reset_ms(&route.provider, r))
                     });
@@ -658,8 +663,6 @@ impl Executor {
                     }
                 }
                 Outcome::AuthFailed => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
                     let kind = parsed.outcome.name();
                     tracing::warn!(key = %key_id, outcome = kind, "key disabled");
                     rt.pool.report(
@@ -671,8 +674,6 @@ impl Executor {
                     last_upstream_error = Some(format!("{kind}: {message}"));
                 }
                 Outcome::Transient => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
                     rt.pool.report(permit, Fate::Transient);
                     transient_tries += 1;
                     last_upstream_error = Some(format!("transient: {message}"));
@@ -689,8 +690,6 @@ impl Executor {
                     backoff_until.insert(key_id, now + backoff(transient_tries));
                 }
                 Outcome::ModelNotFound => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
                     rt.pool.report(permit, Fate::Untouched);
                     let name = route.name();
                     routes.retain(|r| r.name() != name);
@@ -709,8 +708,6 @@ impl Executor {
                     // on TPM): this key is out for this job on this route;
                     // the job moves on at once to the route's other keys and
                     // the other routes, and the key stays as it was.
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
                     rt.pool.report(permit, Fate::Untouched);
                     let name = route.name();
                     last_upstream_error =
@@ -719,8 +716,6 @@ impl Executor {
                     too_large.entry(name).or_default().push(key_id);
                 }
                 Outcome::ContextTooLong => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
                     rt.pool.report(permit, Fate::Untouched);
                     // The prompt is longer than estimated: only a larger
                     // context can help.
@@ -744,8 +739,6 @@ impl Executor {
                     }
                 }
                 Outcome::InvalidRequest => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
                     rt.pool.report(permit, Fate::Untouched);
                     let kind = parsed.outcome.name();
                     return fail(
