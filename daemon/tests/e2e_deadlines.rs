@@ -9,6 +9,9 @@
 //!   future is dropped in the middle of the call, and its budget
 //!   reservation, the gate's in-flight slot and probe marker, and the pool's
 //!   probe are all released (read back from the budgets, Redis and the pool).
+//! - The cluster gate alone: a call dropped without its completion frees
+//!   its probe marker and is re-stamped at the drop, so another daemon may
+//!   probe the key at once.
 
 #[path = "support/e2e.rs"]
 mod e2e;
@@ -418,4 +421,106 @@ async fn dropping_a_job_future_mid_call_releases_its_reservation_gate_slot_and_p
         started.elapsed()
     );
     assert_eq!(l.budgets.reserved("oa", l.clock.unix_ms()), 0.0);
+}
+
+// ---------------------------------------------------------------------------
+// The gate alone: a call dropped without its completion.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_call_dropped_unfinished_frees_its_probe_and_restamps_its_slot() {
+    use llmq::config::{Config, Limits, ProviderConfig};
+    use llmq::global::{Admit, WaitFor};
+    use llmq::keys::{ApiKey, KeyRing};
+    let redis = RedisServer::start();
+    let mut config = Config::default();
+    config.providers.insert(
+        "g".into(),
+        ProviderConfig {
+            limits: Limits {
+                rpm: Some(100),
+                ..Limits::default()
+            },
+            ..ProviderConfig::default()
+        },
+    );
+    let id = KeyId::new("g", 1);
+    let ring = KeyRing::from_keys([ApiKey::new(
+        id.clone(),
+        Some(secrecy::SecretString::from("sk-gate-drop-0001-xxxxxxxx")),
+        "test",
+    )]);
+    let gate = |owner: &'static str| {
+        let (config, ring, url) = (config.clone(), ring.clone(), redis.url());
+        async move {
+            let conn = redis::Client::open(url)
+                .expect("redis url")
+                .get_connection_manager()
+                .await
+                .expect("redis connects");
+            GlobalGate::new(conn, owner, &config, &ring)
+        }
+    };
+    let (a, b) = (gate("daemon-a").await, gate("daemon-b").await);
+    // The key's first call is its probe: nobody else may call it meanwhile.
+    let call = match a.admit(&id, 10, false).await.expect("admit") {
+        Admit::Granted(c) => c,
+        other => panic!("{other:?}"),
+    };
+    assert!(call.is_probe());
+    assert!(matches!(
+        b.admit(&id, 10, false).await.expect("admit"),
+        Admit::Wait {
+            limit: WaitFor::Probation,
+            ..
+        }
+    ));
+    let before_drop_us = redis_now_us(&redis) as f64;
+    // The job holding it is cancelled: the call is dropped, not completed.
+    drop(call);
+    let start = Instant::now();
+    let st = loop {
+        let st = b.state(&id).await.expect("state");
+        if !st.probing {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the probe marker stays after the drop: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // Unknown fate: not proven, not blamed; the call still counts, stamped
+    // at its drop instead of admission + MAX_CALL.
+    assert!(!st.proven && st.disabled.is_none(), "{st:?}");
+    assert_eq!(st.window_calls, 1, "{st:?}");
+    let slots: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(window_key(&id))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query(&mut redis.client())
+        .expect("ZRANGE");
+    let now_us = redis_now_us(&redis) as f64;
+    assert_eq!(slots.len(), 1, "{slots:?}");
+    assert!(
+        slots[0].1 >= before_drop_us && slots[0].1 <= now_us,
+        "stamped at the drop: {slots:?}, dropped after {before_drop_us}, now {now_us}"
+    );
+    // Another daemon probes the key at once.
+    match b.admit(&id, 10, false).await.expect("admit") {
+        Admit::Granted(c) => {
+            assert!(c.is_probe());
+            b.complete(
+                c,
+                &llmq::pool::Fate::Success {
+                    usage_in: 1,
+                    usage_out: 1,
+                    cost_usd: 0.0,
+                },
+            )
+            .await;
+        }
+        other => panic!("the key is still held after the drop: {other:?}"),
+    }
+    assert!(b.state(&id).await.expect("state").proven);
 }
