@@ -15,11 +15,18 @@
 //! which may cost less than reserved ([`BudgetCheck::Pending`], so wait); or
 //! today's spend alone leaves no room ([`BudgetCheck::Reached`], so this
 //! provider is out for the day).
+//!
+//! The executor holds a reservation as a [`Reservation`] guard
+//! ([`Budgets::hold`]): [`Reservation::settle`] books the real cost, and a
+//! guard dropped any other way (an early return, a panic, a job future
+//! dropped in the middle of its call) gives the reservation back, so none
+//! outlives its call.
 
 use crate::calendar::{CachedDay, DailyReset};
+use crate::clock::SharedClock;
 use crate::config::ProviderConfig;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Ledger {
@@ -143,6 +150,35 @@ impl Budgets {
         })
     }
 
+    /// [`Budgets::try_reserve`] as a guard: `Ok` holds the reservation
+    /// until it is settled or dropped (dropped = released); `Err` is
+    /// [`BudgetCheck::Pending`] or [`BudgetCheck::Reached`] (nothing held).
+    pub fn hold(
+        self: &Arc<Self>,
+        provider: &str,
+        estimate: f64,
+        clock: &SharedClock,
+    ) -> Result<Reservation, BudgetCheck> {
+        match self.try_reserve(provider, estimate, clock.unix_ms()) {
+            BudgetCheck::Fits => Ok(Reservation {
+                budgets: self.clone(),
+                provider: provider.to_string(),
+                estimate,
+                clock: clock.clone(),
+                open: self.caps.contains_key(provider),
+            }),
+            other => Err(other),
+        }
+    }
+
+    /// What calls in flight hold of the provider's budget today.
+    pub fn reserved(&self, provider: &str, now_unix_ms: u64) -> f64 {
+        if !self.caps.contains_key(provider) {
+            return 0.0;
+        }
+        self.with(provider, now_unix_ms, |l| l.reserved)
+    }
+
     /// The provider's cap, if it has one.
     pub fn cap(&self, provider: &str) -> Option<f64> {
         self.caps.get(provider).copied()
@@ -204,10 +240,96 @@ impl Budgets {
     }
 }
 
+/// One call's reservation of a provider's budget (see [`Budgets::hold`]).
+/// Settle it with the real cost; dropping it unsettled releases it.
+#[must_use = "a reservation is released when dropped; settle it with the call's cost"]
+pub struct Reservation {
+    budgets: Arc<Budgets>,
+    provider: String,
+    estimate: f64,
+    clock: SharedClock,
+    /// Still held (false once settled or released, and for an uncapped provider).
+    open: bool,
+}
+
+impl Reservation {
+    /// The estimate reserved.
+    pub fn estimate(&self) -> f64 {
+        self.estimate
+    }
+
+    /// Books the call's real cost in place of the reservation.
+    pub fn settle(mut self, actual: f64) {
+        if std::mem::take(&mut self.open) {
+            self.budgets
+                .settle(&self.provider, self.estimate, actual, self.clock.unix_ms());
+        }
+    }
+
+    /// Gives the reservation back (nothing was billed). Dropping does the same.
+    pub fn release(self) {}
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if std::mem::take(&mut self.open) {
+            self.budgets
+                .release(&self.provider, self.estimate, self.clock.unix_ms());
+        }
+    }
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("provider", &self.provider)
+            .field("estimate", &self.estimate)
+            .field("open", &self.open)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::calendar::DAY_MS;
+
+    #[test]
+    fn a_reservation_guard_is_released_on_drop_and_settled_once() {
+        let clock: SharedClock = Arc::new(crate::clock::ManualClock::new(7 * DAY_MS + 5));
+        let b = Arc::new(Budgets::new(HashMap::from([("openai".to_string(), 1.0)])));
+        let now = clock.unix_ms();
+        let r = b.hold("openai", 0.6, &clock).expect("fits");
+        assert_eq!(r.estimate(), 0.6);
+        assert_eq!(b.reserved("openai", now), 0.6);
+        assert!(matches!(
+            b.hold("openai", 0.6, &clock),
+            Err(BudgetCheck::Pending)
+        ));
+        // Dropped (an early return, a cancelled future): given back.
+        drop(r);
+        assert_eq!(b.reserved("openai", now), 0.0);
+        // A panic while it is held gives it back too.
+        let b2 = b.clone();
+        let c2 = clock.clone();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _r = b2.hold("openai", 0.5, &c2).expect("fits");
+            panic!("in the middle of a call");
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(b.reserved("openai", now), 0.0);
+        // Settled: the real cost is spent, the reservation gone, once.
+        b.hold("openai", 0.6, &clock).expect("fits").settle(0.25);
+        assert_eq!(b.reserved("openai", now), 0.0);
+        assert_eq!(b.snapshot(now), vec![("openai".to_string(), 0.25, 1.0)]);
+        b.hold("openai", 0.1, &clock).expect("fits").release();
+        assert_eq!(b.reserved("openai", now), 0.0);
+        // An uncapped provider holds nothing.
+        let free = b.hold("groq", 1e9, &clock).expect("uncapped");
+        assert_eq!(b.reserved("groq", now), 0.0);
+        free.settle(3.0);
+        assert_eq!(b.snapshot(now).len(), 1);
+    }
 
     #[test]
     fn reservations_keep_concurrent_jobs_under_the_cap() {

@@ -6,6 +6,38 @@
 //! It owns the *policy* of a job's life; the mechanisms live elsewhere
 //! (`router`, `pool`, `limits`, `budget`, `plugin_host`, `upstream`, `queue`).
 //!
+//! # Steps
+//!
+//! A job (each fan-out branch) is a small state machine, a loop over named
+//! steps in `run_branch`:
+//!
+//! 1. **plan** (`Tries::plan`): the router's routes for the model, the
+//!    job's token estimate and its pinned key, if any.
+//! 2. **pick** (`Tries::pick`): the first route, in plan order under the
+//!    tier bar, whose budget reserves the estimate and whose pool grants a
+//!    key now; or why nothing can serve now (wait) or ever (fail).
+//! 3. **wait** (`Executor::wait`): until the earliest time a live route
+//!    could serve, or until the pool signals freed capacity; the job's
+//!    deadline ends it.
+//! 4. **admit** (`Executor::admit`): the cluster gate; a refusal re-plans.
+//! 5. **call** (`Executor::call_key`): prepare → send → parse, bounded by
+//!    `min(remaining deadline, [upstream] timeout)`; then the reservation is
+//!    given back unless the call succeeded, the gate's call is completed
+//!    and the attempt recorded.
+//! 6. **classify** (`Tries::classify_answer`, `Tries::classify_failure`):
+//!    what the answer means for the key (a [`Fate`]) and for the job: try
+//!    again, succeeded, or failed.
+//! 7. **settle** (`settle`): the reservation is settled with the real cost
+//!    and the key's fate is reported to the pool.
+//!
+//! From pick to settle every resource is held by an RAII guard (a `Grant`):
+//! the budget [`Reservation`], the pool's [`Permit`] and the gate's
+//! [`GlobalCall`]. An early return, a panic or the job's future dropped in
+//! the middle of its call (the queue's safety net, a shutdown) releases
+//! each: the reservation is given back, the permit ends with an unknown
+//! fate (its probe freed at once) and the gate's call completes itself as
+//! cancelled (its slot stamped at the drop, its probe marker freed).
+//!
 //! # Policy
 //!
 //! **Order.** The router's plan is tried in order: cheapest tier first, then
@@ -90,16 +122,17 @@
 //! output, usage, cost, attempts, error) and `successful`/`failed` count
 //! them. When every model failed the job fails as `exhausted`.
 
-use crate::budget::{BudgetCheck, Budgets};
+use crate::budget::{BudgetCheck, Budgets, Reservation};
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::global::GlobalCall;
 use crate::job::{
     Attempt, FailureKind, FinishReason, Job, JobResult, ModelResponse, ResultError, ResultMessage,
     Status, Tier, UsageOut,
 };
 use crate::keys::KeyId;
 use crate::plugin_host::PluginHost;
-use crate::pool::{model_key, Acquire, AcquireRequest, Fate, KeyPool};
+use crate::pool::{model_key, Acquire, AcquireRequest, Fate, KeyPool, Permit};
 use crate::queue::{Disposition, JobContext, JobHandler};
 use crate::router::{Route, RouteTable};
 use crate::upstream::{NetError, Upstream};
@@ -153,6 +186,44 @@ pub struct Branch {
 }
 
 impl Branch {
+    /// A branch for `model` that has not succeeded (yet).
+    fn new(model: Option<&str>) -> Branch {
+        Branch {
+            model_asked: model.unwrap_or_default().to_string(),
+            status: Status::Failed,
+            output: None,
+            finish_reason: None,
+            message: None,
+            route: None,
+            key: None,
+            usage: None,
+            cost_usd: 0.0,
+            attempts: vec![],
+            error: None,
+            duration_ms: 0,
+        }
+    }
+
+    /// Records a successful call: its answer, usage, cost and key.
+    fn succeeded(
+        &mut self,
+        text: String,
+        finish: Option<FinishReason>,
+        refusal: Option<String>,
+        usage: &llmq_sdk::Usage,
+        cost: f64,
+        key_id: &KeyId,
+    ) {
+        self.status = Status::Succeeded;
+        self.answer(text, finish, refusal);
+        self.usage = Some(UsageOut {
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+        });
+        self.cost_usd = cost;
+        self.key = Some(key_id.clone());
+    }
+
     /// Records the model's answer: its text (`output`, `message.content`),
     /// its refusal and how it ended.
     fn answer(&mut self, text: String, finish: Option<FinishReason>, refusal: Option<String>) {
@@ -221,7 +292,10 @@ impl Executor {
         result
     }
 
-    /// One model's life: route, wait, call, classify, retry elsewhere.
+    /// One model's life, as a loop over the named steps of the module doc:
+    /// **plan** once, then until the job ends: **pick** a key (or **wait**
+    /// for one), **admit** it at the cluster gate, **call** the upstream,
+    /// **classify** the answer and **settle** the key and the budget.
     async fn run_branch(
         &self,
         rt: &Runtime,
@@ -230,532 +304,169 @@ impl Executor {
         deadline: Duration,
     ) -> Branch {
         let started = self.clock.now();
-        let mut branch = Branch {
-            model_asked: model.unwrap_or_default().to_string(),
-            status: Status::Failed,
-            output: None,
-            finish_reason: None,
-            message: None,
-            route: None,
-            key: None,
-            usage: None,
-            cost_usd: 0.0,
-            attempts: vec![],
-            error: None,
-            duration_ms: 0,
-        };
+        let mut branch = Branch::new(model);
         let fail = |mut b: Branch, kind: FailureKind, msg: String, now: Duration| {
             b.error = Some(ResultError { kind, message: msg });
             b.duration_ms = now.saturating_sub(started).as_millis() as u64;
             b
         };
-        let plan = match rt.router.plan(job, model) {
-            Ok(p) => p,
-            Err(e) => {
-                return fail(
-                    branch,
-                    FailureKind::NoRoute,
-                    e.to_string(),
-                    self.clock.now(),
-                )
-            }
+        let mut tries = match Tries::plan(rt, job, model, started) {
+            Ok(t) => t,
+            Err((kind, msg)) => return fail(branch, kind, msg, self.clock.now()),
         };
-        let mut routes: Vec<Arc<Route>> = plan.routes.clone();
-        let prompt_tokens = llmq_sdk::estimate::prompt_tokens(&job.messages);
-        let max_tokens = job
-            .max_tokens
-            .map(u64::from)
-            .unwrap_or(llmq_sdk::estimate::DEFAULT_MAX_TOKENS);
-        let charged = prompt_tokens.saturating_add(max_tokens);
-        let spill_at = started.saturating_add(rt.config.routing.wait_for_cheaper);
-        let mut transient_tries = 0u32;
-        // Since when the job has been looking for its next call (the limiter
-        // wait histogram gets one observation per call).
-        let mut waiting_since = started;
-        let mut backoff_until: HashMap<KeyId, Duration> = HashMap::new();
-        // Keys that refused this job's request as too large, per route: out
-        // for this job (the pool skips them), and the upstream's last word.
-        let mut too_large: HashMap<String, Vec<KeyId>> = HashMap::new();
-        let mut too_large_message = String::new();
-        // Routes not to ask again before a time (all their ready keys back off).
-        let mut held: HashMap<String, Duration> = HashMap::new();
-        let mut last_upstream_error: Option<String> = None;
-        let pinned: Option<KeyId> = match job.route.key.as_deref().map(str::parse::<KeyId>) {
-            None => None,
-            Some(Ok(id)) => Some(id),
-            Some(Err(_)) => {
-                return fail(
-                    branch,
-                    FailureKind::InvalidJob,
-                    "route.key must look like provider#N (e.g. groq#2)".to_string(),
-                    self.clock.now(),
-                )
-            }
-        };
-
         loop {
             let now = self.clock.now();
             if now >= deadline {
-                // Keys that could serve but for a model's exhausted quota.
-                let mut why: String = routes
-                    .iter()
-                    .flat_map(|r| rt.pool.model_parks(&r.provider, &r.model))
-                    .map(|p| format!("; {p}"))
-                    .collect();
-                if let Some(e) = &last_upstream_error {
-                    why.push_str(&format!("; last upstream error: {e}"));
-                }
-                return fail(
-                    branch,
-                    FailureKind::Deadline,
-                    format!("deadline reached before any key could serve the job{why}"),
-                    now,
-                );
+                let msg = tries.deadline_message(rt);
+                return fail(branch, FailureKind::Deadline, msg, now);
             }
-            // The tier of the first live route is the bar; dearer tiers only
-            // after spill_at (see the module doc).
-            let epoch = rt.pool.epoch();
-            let mut never: Vec<String> = Vec::new();
-            let mut earliest: Option<Duration> = None;
-            let mut bar: Option<Tier> = None;
-            let mut granted = None;
-            for route in &routes {
-                if let Some(bar) = bar {
-                    if route.tier > bar && now < spill_at {
-                        // A cheaper tier is alive: wait for it before spilling.
-                        note(&mut earliest, spill_at);
-                        continue;
-                    }
-                }
-                if let Some(until) = (!held.is_empty())
-                    .then(|| held.get(&route.name()).copied())
-                    .flatten()
-                {
-                    if until > now {
-                        bar.get_or_insert(route.tier);
-                        note(&mut earliest, until);
-                        continue;
-                    }
-                }
-                let est_cost = route.estimate_cost(prompt_tokens, max_tokens);
-                // Reserved here when it fits; given back below unless a key is granted.
-                match rt
-                    .budgets
-                    .try_reserve(&route.provider, est_cost, self.clock.unix_ms())
-                {
-                    BudgetCheck::Fits => {}
-                    BudgetCheck::Pending => {
-                        // Calls in flight hold the rest of the budget; they may
-                        // settle for less. Their reports wake us.
-                        bar.get_or_insert(route.tier);
-                        continue;
-                    }
-                    BudgetCheck::Reached { cap, spent } => {
-                        never.push(format!(
-                            "{}: daily budget of ${cap} for provider {} reached (${spent:.6} spent today; this job needs up to ${est_cost:.6})",
-                            route.name(),
-                            route.provider
-                        ));
-                        continue;
-                    }
-                }
-                let req = AcquireRequest {
-                    provider: &route.provider,
-                    model: &route.model,
-                    tokens: charged,
-                    strategy: job.route.strategy,
-                    pinned: pinned.as_ref(),
-                    instance: job.route.instance,
-                };
-                let backing_off = |id: &KeyId| backoff_until.get(id).copied().filter(|u| *u > now);
-                let refused: &[KeyId] = if too_large.is_empty() {
-                    &[]
-                } else {
-                    too_large.get(&route.name()).map_or(&[], Vec::as_slice)
-                };
-                match rt.pool.try_acquire_except(&req, refused) {
-                    Acquire::Granted(permit) => {
-                        bar.get_or_insert(route.tier);
-                        let Some(until) = backing_off(permit.key_id()) else {
-                            granted = Some((route.clone(), permit, est_cost));
-                            break;
-                        };
-                        // This key failed transiently for this job: ask for
-                        // another one while it is held, then give it back.
-                        let other = rt.pool.try_acquire_except(&req, refused);
-                        rt.pool.report(permit, Fate::NotSent);
-                        let mut hold = until;
-                        match other {
-                            Acquire::Granted(p) if backing_off(p.key_id()).is_none() => {
-                                granted = Some((route.clone(), p, est_cost));
-                                break;
-                            }
-                            Acquire::Granted(p) => rt.pool.report(p, Fate::NotSent),
-                            Acquire::Wait { until, .. } => hold = hold.min(until),
-                            Acquire::Never(_) => {}
-                        }
-                        // Don't ask this route again before then: each give-back
-                        // wakes every waiter.
-                        held.insert(route.name(), hold);
-                        note(&mut earliest, hold);
-                    }
-                    Acquire::Wait { until, .. } => {
-                        bar.get_or_insert(route.tier);
-                        note(&mut earliest, until);
-                    }
-                    Acquire::Never(why) => never.push(format!("{}: {why}", route.name())),
-                }
-                rt.budgets
-                    .release(&route.provider, est_cost, self.clock.unix_ms());
-            }
-            let Some((route, permit, est_cost)) = granted else {
-                if bar.is_none()
-                    && !too_large.is_empty()
-                    && routes.iter().all(|r| too_large.contains_key(&r.name()))
-                {
-                    // Every key of every route said the request is larger
-                    // than it may ever take: no wait or retry can help.
-                    return fail(
-                        branch,
-                        FailureKind::InvalidRequest,
-                        format!(
-                            "request_too_large: every key of every route refused the request as too large; last: {too_large_message}"
-                        ),
-                        now,
-                    );
-                }
-                if bar.is_none() {
-                    return fail(
-                        branch,
-                        FailureKind::NoRoute,
-                        format!("no route can serve this job: {}", never.join("; ")),
-                        now,
-                    );
-                }
-                let wake = earliest.unwrap_or(deadline).min(deadline);
-                let changed = rt.pool.changed_since(epoch);
-                let sleep = self.sleep_until(wake);
-                tokio::select! {
-                    _ = changed => {},
-                    _ = sleep => {},
-                }
-                continue;
-            };
-            // Scale-out: the key's limits, state and probation across every
-            // daemon on this Redis (global.rs); a refusal re-plans at once.
-            let (permit, global_call) = match &rt.global {
-                None => (permit, None),
-                Some(gate) => match gate.admit_permit(&rt.pool, permit).await {
-                    Some((permit, call)) => (permit, Some(call)),
-                    None => {
-                        rt.budgets
-                            .release(&route.provider, est_cost, self.clock.unix_ms());
-                        continue;
-                    }
-                },
-            };
-
-            // One upstream call on this key, after `now - waiting_since` of waiting.
-            metrics::histogram!(crate::metrics::LIMITER_WAIT_SECONDS)
-                .record(now.saturating_sub(waiting_since).as_secs_f64());
-            let key_id = permit.key_id().clone();
-            let call_started = self.clock.now();
-            let span = tracing::info_span!("call", provider = %route.provider, model = %route.model, key = %key_id);
-            let outcome = self
-                .call(rt, &route, job, permit.secret(), deadline)
-                .instrument(span)
-                .await
-                .map(|mut p| {
-                    // Upstream messages sometimes quote the key ("Incorrect API key
-                    // provided: sk-…"): never let it into results or logs.
-                    p.message = p
-                        .message
-                        .map(|m| redact(&m, permit.secret(), permit.masked()));
-                    p
-                });
-            let now = self.clock.now();
-            waiting_since = now;
-            // A per-day quota comes back at the provider's next daily reset:
-            // one instant for the pool and the cluster gate alike.
-            let outcome = outcome.map(|mut p| {
-                rt.pool.resolve_reset(&route.provider, &mut p.outcome);
-                p
-            });
-            if let (Some(gate), Some(call)) = (&rt.global, global_call) {
-                let fate = match &outcome {
-                    Ok(p) => Fate::from_outcome(&p.outcome, 0.0),
-                    Err(CallFailure::Network(e)) => network_fate(e),
-                    Err(CallFailure::Plugin(_)) => Fate::Untouched,
-                };
-                gate.complete(call, &fate).await;
-            }
-            let ms = now.saturating_sub(call_started).as_millis() as u64;
-            let outcome_name = match &outcome {
-                Ok(p) => p.outcome.name().to_string(),
-                Err(CallFailure::Plugin(_)) => "plugin_error".to_string(),
-                Err(CallFailure::Network(e)) => network_outcome(e).to_string(),
-            };
-            branch.attempts.push(Attempt {
-                provider: route.provider.to_string(),
-                model: route.model.to_string(),
-                key: key_id.to_string(),
-                outcome: outcome_name.clone(),
-                ms,
-            });
-            metrics::counter!(crate::metrics::UPSTREAM_CALLS_TOTAL,
-                "provider" => route.provider.to_string(),
-                "key" => key_id.to_string(),
-                "outcome" => outcome_name.clone())
-            .increment(1);
-
-            let parsed = match outcome {
-                Ok(p) => p,
-                Err(CallFailure::Plugin(msg)) => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
-                    rt.pool.report(permit, Fate::Untouched);
-                    return fail(branch, FailureKind::Upstream, msg, now);
-                }
-                Err(CallFailure::Network(e)) => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
-                    rt.pool.report(permit, network_fate(&e));
-                    let msg = e.to_string();
-                    match e {
-                        NetError::Deadline(_) => {
-                            return fail(
-                                branch,
-                                FailureKind::Deadline,
-                                format!(
-                                    "deadline reached during the call to {} on {key_id}",
-                                    route.name()
-                                ),
-                                now,
-                            );
-                        }
-                        NetError::Tls(_) => {
-                            // The setup (CA, proxy, URL) is at fault, not the key,
-                            // and every key of this provider shares its base URL.
-                            let provider = route.provider.clone();
-                            tracing::warn!(provider = %provider, error = %msg, "TLS failure: provider dropped for this job");
-                            routes.retain(|r| r.provider != provider);
-                            let why = format!(
-                                "provider {provider} ({}): {msg}; check [upstream] ca_file or SSL_CERT_FILE/SSL_CERT_DIR",
-                                route.info.base_url
-                            );
-                            if routes.is_empty() {
-                                return fail(branch, FailureKind::Upstream, why, now);
-                            }
-                            last_upstream_error = Some(why);
-                            continue;
-                        }
-                        _ => {}
-                    }
-                    transient_tries += 1;
-                    last_upstream_error = Some(msg.clone());
-                    if transient_tries >= MAX_TRANSIENT_TRIES {
-                        return fail(
-                            branch,
-                            FailureKind::Exhausted,
-                            format!("{transient_tries} transient failures; last: {msg}"),
-                            now,
-                        );
-                    }
-                    backoff_until.insert(key_id, now + backoff(transient_tries));
+            let grant = match tries.pick(rt, job, &self.clock, now) {
+                Pick::Granted(grant) => *grant,
+                Pick::Wait { epoch, earliest } => {
+                    let wake = earliest.unwrap_or(deadline).min(deadline);
+                    self.wait(rt, epoch, wake).await;
                     continue;
                 }
+                Pick::Fail((kind, msg)) => return fail(branch, kind, msg, now),
             };
-            let observed = match &rt.global {
-                Some(gate) => gate.observed(&key_id, &parsed.limits),
-                None => parsed.limits,
+            let Some(grant) = self.admit(rt, grant).await else {
+                continue;
             };
-            rt.pool.observe(&key_id, &observed);
-            let message = parsed.message.clone().unwrap_or_default();
-            match parsed.outcome {
-                Outcome::Success {
-                    text,
-                    usage,
-                    finish_reason,
-                    refusal,
-                } => {
-                    let cost = route.cost(usage.input_tokens, usage.output_tokens);
-                    rt.budgets
-                        .settle(&route.provider, est_cost, cost, self.clock.unix_ms());
-                    rt.pool.report(
-                        permit,
-                        Fate::Success {
-                            usage_in: usage.input_tokens,
-                            usage_out: usage.output_tokens,
-                            cost_usd: cost,
-                        },
-                    );
-                    metrics::counter!(crate::metrics::TOKENS_TOTAL, "provider" => route.provider.to_string(), "direction" => "input").increment(usage.input_tokens);
-                    metrics::counter!(crate::metrics::TOKENS_TOTAL, "provider" => route.provider.to_string(), "direction" => "output").increment(usage.output_tokens);
-                    metrics::counter!(crate::metrics::COST_USD_MICROS_TOTAL, "provider" => route.provider.to_string()).increment((cost * 1e6) as u64);
-                    branch.status = Status::Succeeded;
-                    branch.answer(text, finish_reason, refusal);
-                    branch.usage = Some(UsageOut {
-                        input_tokens: usage.input_tokens,
-                        output_tokens: usage.output_tokens,
-                    });
-                    branch.cost_usd = cost;
-                    branch.key = Some(key_id);
+            // One upstream call on this key, after `now - waiting_since` of waiting.
+            metrics::histogram!(crate::metrics::LIMITER_WAIT_SECONDS)
+                .record(now.saturating_sub(tries.waiting_since).as_secs_f64());
+            let called = self
+                .call_key(rt, job, grant, deadline, &mut branch.attempts)
+                .await;
+            tries.waiting_since = called.ended;
+            let now = called.ended;
+            let Called {
+                route,
+                permit,
+                key_id,
+                reservation,
+                outcome,
+                ..
+            } = called;
+            let (fate, next) = match outcome {
+                Ok(parsed) => tries.classify_answer(rt, &mut branch, &route, &key_id, parsed, now),
+                Err(failure) => tries.classify_failure(&route, key_id, failure, now),
+            };
+            settle(rt, permit, reservation, fate);
+            match next {
+                Next::Again => {}
+                Next::Succeeded => {
                     branch.route = Some(route);
                     branch.duration_ms = now.saturating_sub(started).as_millis() as u64;
                     return branch;
                 }
-                Outcome::RateLimited { retry_after_ms } => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
-                    tracing::warn!(key = %key_id, retry_after_ms, "upstream 429: cooling key down");
-                    rt.pool.report(
-                        permit,
-                        Fate::RateLimited {
-                            retry_after: retry_after_ms.map(Duration::from_millis),
-                        },
-                    );
-                    last_upstream_error = Some(format!("rate limited: {message}"));
-                }
-                Outcome::QuotaExhausted { reset, scope } => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
-                    let until = reset.as_ref().map(|r| {
-                        crate::pool::rfc3339_ms(rt.pool.quota_reset_ms(&route.provider, r))
-                    });
-                    let reason = format!("quota_exhausted: {message}");
-                    match scope {
-                        QuotaScope::Key => {
-                            tracing::warn!(key = %key_id, until, "key disabled: quota exhausted");
-                            rt.pool
-                                .report(permit, Fate::QuotaExhausted { reason, reset });
-                            last_upstream_error = Some(format!(
-                                "quota_exhausted on key {key_id}{}: {message}",
-                                until.map(|u| format!(" until {u}")).unwrap_or_default()
-                            ));
-                        }
-                        QuotaScope::Model(named) => {
-                            // The model this call asked for is what cannot be
-                            // served; the quota normally names it.
-                            let model = if model_key(&named) == model_key(&route.model) {
-                                model_key(&named).to_string()
-                            } else {
-                                model_key(&route.model).to_string()
-                            };
-                            tracing::warn!(key = %key_id, model, until, "model parked on key: quota exhausted");
-                            last_upstream_error = Some(format!(
-                                "quota for model {model} on key {key_id} exhausted{}: {message}",
-                                until.map(|u| format!(" until {u}")).unwrap_or_default()
-                            ));
-                            rt.pool.report(
-                                permit,
-                                Fate::ModelQuota {
-                                    model,
-                                    reason,
-                                    reset,
-                                },
-                            );
-                        }
-                    }
-                }
-                Outcome::AuthFailed => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
-                    let kind = parsed.outcome.name();
-                    tracing::warn!(key = %key_id, outcome = kind, "key disabled");
-                    rt.pool.report(
-                        permit,
-                        Fate::Disabled {
-                            reason: format!("{kind}: {message}"),
-                        },
-                    );
-                    last_upstream_error = Some(format!("{kind}: {message}"));
-                }
-                Outcome::Transient => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
-                    rt.pool.report(permit, Fate::Transient);
-                    transient_tries += 1;
-                    last_upstream_error = Some(format!("transient: {message}"));
-                    if transient_tries >= MAX_TRANSIENT_TRIES {
-                        return fail(
-                            branch,
-                            FailureKind::Exhausted,
-                            format!(
-                                "{transient_tries} transient upstream failures; last: {message}"
-                            ),
-                            now,
-                        );
-                    }
-                    backoff_until.insert(key_id, now + backoff(transient_tries));
-                }
-                Outcome::ModelNotFound => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
-                    rt.pool.report(permit, Fate::Untouched);
-                    let name = route.name();
-                    routes.retain(|r| r.name() != name);
-                    last_upstream_error = Some(format!("{name}: model not found: {message}"));
-                    if routes.is_empty() {
-                        return fail(
-                            branch,
-                            FailureKind::NoRoute,
-                            format!("model not found upstream: {message}"),
-                            now,
-                        );
-                    }
-                }
-                Outcome::RequestTooLarge => {
-                    // Larger than this key may take in any window (Groq 413
-                    // on TPM): this key is out for this job on this route;
-                    // the job moves on at once to the route's other keys and
-                    // the other routes, and the key stays as it was.
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
-                    rt.pool.report(permit, Fate::Untouched);
-                    let name = route.name();
-                    last_upstream_error =
-                        Some(format!("{name}: request too large for {key_id}: {message}"));
-                    too_large_message = format!("{name} on {key_id}: {message}");
-                    too_large.entry(name).or_default().push(key_id);
-                }
-                Outcome::ContextTooLong => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
-                    rt.pool.report(permit, Fate::Untouched);
-                    // The prompt is longer than estimated: only a larger
-                    // context can help.
-                    let name = route.name();
-                    let refused = route.context;
-                    routes.retain(|r| {
-                        r.name() != name
-                            && match (refused, r.context) {
-                                (Some(l), Some(c)) => c > l,
-                                _ => true,
-                            }
-                    });
-                    last_upstream_error = Some(format!("{name}: context too long: {message}"));
-                    if routes.is_empty() {
-                        return fail(
-                            branch,
-                            FailureKind::InvalidRequest,
-                            format!("context_too_long from {name}: {message}"),
-                            now,
-                        );
-                    }
-                }
-                Outcome::InvalidRequest => {
-                    rt.budgets
-                        .release(&route.provider, est_cost, self.clock.unix_ms());
-                    rt.pool.report(permit, Fate::Untouched);
-                    let kind = parsed.outcome.name();
-                    return fail(
-                        branch,
-                        FailureKind::InvalidRequest,
-                        format!("{kind} from {}: {message}", route.name()),
-                        now,
-                    );
-                }
+                Next::Fail(kind, msg) => return fail(branch, kind, msg, now),
             }
+        }
+    }
+
+    /// **Wait**: until `wake`, or earlier when the pool signals that capacity
+    /// may have been freed since `epoch` (read before the keys were tried).
+    async fn wait(&self, rt: &Runtime, epoch: u64, wake: Duration) {
+        let changed = rt.pool.changed_since(epoch);
+        let sleep = self.sleep_until(wake);
+        tokio::select! {
+            _ = changed => {},
+            _ = sleep => {},
+        }
+    }
+
+    /// **Admit**: the cluster gate (`[cluster] enabled`) keeps the key's
+    /// limits, state and probation across every daemon on this Redis
+    /// (global.rs). `None` when it refused: the job re-plans at once, and
+    /// the grant's guards give back the permit and the reservation.
+    async fn admit(&self, rt: &Runtime, mut grant: Grant) -> Option<Grant> {
+        let Some(gate) = &rt.global else {
+            return Some(grant);
+        };
+        let (permit, call) = gate.admit_permit(&rt.pool, grant.permit).await?;
+        grant.permit = permit;
+        grant.gate = Some(call);
+        Some(grant)
+    }
+
+    /// **Call**: prepare → send → parse on the granted key, bounded by the
+    /// job's deadline; then the reservation is given back unless the call
+    /// succeeded (before the key's report wakes the jobs that wait for
+    /// budget), the gate's call is completed and the attempt recorded.
+    async fn call_key(
+        &self,
+        rt: &Runtime,
+        job: &Job,
+        grant: Grant,
+        deadline: Duration,
+        attempts: &mut Vec<Attempt>,
+    ) -> Called {
+        let Grant {
+            route,
+            permit,
+            reservation,
+            gate: gate_call,
+        } = grant;
+        let key_id = permit.key_id().clone();
+        let call_started = self.clock.now();
+        let span = tracing::info_span!("call", provider = %route.provider, model = %route.model, key = %key_id);
+        let outcome = self
+            .call(rt, &route, job, permit.secret(), deadline)
+            .instrument(span)
+            .await
+            .map(|mut p| {
+                // Upstream messages sometimes quote the key ("Incorrect API key
+                // provided: sk-…"): never let it into results or logs.
+                p.message = p
+                    .message
+                    .map(|m| redact(&m, permit.secret(), permit.masked()));
+                // A per-day quota comes back at the provider's next daily
+                // reset: one instant for the pool and the cluster gate alike.
+                rt.pool.resolve_reset(&route.provider, &mut p.outcome);
+                p
+            });
+        let ended = self.clock.now();
+        // Nothing is billed unless the call succeeded.
+        let reservation = match &outcome {
+            Ok(p) if matches!(p.outcome, Outcome::Success { .. }) => Some(reservation),
+            _ => {
+                reservation.release();
+                None
+            }
+        };
+        if let (Some(gate), Some(call)) = (&rt.global, gate_call) {
+            let fate = match &outcome {
+                Ok(p) => Fate::from_outcome(&p.outcome, 0.0),
+                Err(CallFailure::Network(e)) => network_fate(e),
+                Err(CallFailure::Plugin(_)) => Fate::Untouched,
+            };
+            gate.complete(call, &fate).await;
+        }
+        let outcome_name = match &outcome {
+            Ok(p) => p.outcome.name().to_string(),
+            Err(CallFailure::Plugin(_)) => "plugin_error".to_string(),
+            Err(CallFailure::Network(e)) => network_outcome(e).to_string(),
+        };
+        attempts.push(Attempt {
+            provider: route.provider.to_string(),
+            model: route.model.to_string(),
+            key: key_id.to_string(),
+            outcome: outcome_name.clone(),
+            ms: ended.saturating_sub(call_started).as_millis() as u64,
+        });
+        metrics::counter!(crate::metrics::UPSTREAM_CALLS_TOTAL,
+            "provider" => route.provider.to_string(),
+            "key" => key_id.to_string(),
+            "outcome" => outcome_name)
+        .increment(1);
+        Called {
+            route,
+            permit,
+            key_id,
+            reservation,
+            outcome,
+            ended,
         }
     }
 
@@ -808,6 +519,501 @@ impl Executor {
             .parse(&response)
             .await
             .map_err(|e| CallFailure::Plugin(e.to_string()))
+    }
+}
+
+/// A key granted for one call. Each resource is a guard: dropped (an early
+/// return, a panic, the job's future dropped mid-call) it is released.
+struct Grant {
+    route: Arc<Route>,
+    /// The pool's permit: dropped unreported, an unknown fate (probe freed).
+    permit: Permit,
+    /// The budget reservation: dropped unsettled, given back.
+    reservation: Reservation,
+    /// The cluster gate's call, once admitted: dropped uncompleted, it
+    /// completes itself as cancelled.
+    gate: Option<GlobalCall>,
+}
+
+/// A finished call, with the guards left to settle.
+struct Called {
+    route: Arc<Route>,
+    permit: Permit,
+    key_id: KeyId,
+    /// Still held only when the call succeeded (to be settled).
+    reservation: Option<Reservation>,
+    outcome: Result<llmq_sdk::Parsed, CallFailure>,
+    ended: Duration,
+}
+
+/// What **pick** found.
+enum Pick {
+    Granted(Box<Grant>),
+    /// Nothing can serve now: wait until `earliest` (else the deadline) or
+    /// until the pool changes after `epoch`.
+    Wait {
+        epoch: u64,
+        earliest: Option<Duration>,
+    },
+    /// Nothing will ever serve this job.
+    Fail((FailureKind, String)),
+}
+
+/// What **classify** decided for the job.
+enum Next {
+    /// Try again (another key, route or later).
+    Again,
+    Succeeded,
+    Fail(FailureKind, String),
+}
+
+/// **Settle**: the key's fate goes to the pool (after the reservation was
+/// settled with the real cost, or given back).
+fn settle(rt: &Runtime, permit: Permit, reservation: Option<Reservation>, fate: Fate) {
+    if let (Some(r), Fate::Success { cost_usd, .. }) = (reservation, &fate) {
+        r.settle(*cost_usd);
+    }
+    rt.pool.report(permit, fate);
+}
+
+/// What one branch has learned between tries: the routes left, the keys
+/// backing off or refusing the request, the last upstream error.
+struct Tries {
+    routes: Vec<Arc<Route>>,
+    prompt_tokens: u64,
+    max_tokens: u64,
+    /// Tokens charged up front per call (prompt + all of `max_tokens`).
+    charged: u64,
+    /// When dearer tiers may be tried.
+    spill_at: Duration,
+    pinned: Option<KeyId>,
+    transient_tries: u32,
+    /// Since when the job has been looking for its next call (the limiter
+    /// wait histogram gets one observation per call).
+    waiting_since: Duration,
+    backoff_until: HashMap<KeyId, Duration>,
+    /// Keys that refused this job's request as too large, per route: out
+    /// for this job (the pool skips them), and the upstream's last word.
+    too_large: HashMap<String, Vec<KeyId>>,
+    too_large_message: String,
+    /// Routes not to ask again before a time (all their ready keys back off).
+    held: HashMap<String, Duration>,
+    last_upstream_error: Option<String>,
+}
+
+impl Tries {
+    /// **Plan**: the router's routes for the model, and the job's estimate.
+    fn plan(
+        rt: &Runtime,
+        job: &Job,
+        model: Option<&str>,
+        started: Duration,
+    ) -> Result<Tries, (FailureKind, String)> {
+        let plan = rt
+            .router
+            .plan(job, model)
+            .map_err(|e| (FailureKind::NoRoute, e.to_string()))?;
+        let pinned = match job.route.key.as_deref().map(str::parse::<KeyId>) {
+            None => None,
+            Some(Ok(id)) => Some(id),
+            Some(Err(_)) => {
+                return Err((
+                    FailureKind::InvalidJob,
+                    "route.key must look like provider#N (e.g. groq#2)".to_string(),
+                ))
+            }
+        };
+        let prompt_tokens = llmq_sdk::estimate::prompt_tokens(&job.messages);
+        let max_tokens = job
+            .max_tokens
+            .map(u64::from)
+            .unwrap_or(llmq_sdk::estimate::DEFAULT_MAX_TOKENS);
+        Ok(Tries {
+            routes: plan.routes.clone(),
+            prompt_tokens,
+            max_tokens,
+            charged: prompt_tokens.saturating_add(max_tokens),
+            spill_at: started.saturating_add(rt.config.routing.wait_for_cheaper),
+            pinned,
+            transient_tries: 0,
+            waiting_since: started,
+            backoff_until: HashMap::new(),
+            too_large: HashMap::new(),
+            too_large_message: String::new(),
+            held: HashMap::new(),
+            last_upstream_error: None,
+        })
+    }
+
+    /// The job's error when its deadline passes between calls.
+    fn deadline_message(&self, rt: &Runtime) -> String {
+        // Keys that could serve but for a model's exhausted quota.
+        let mut why: String = self
+            .routes
+            .iter()
+            .flat_map(|r| rt.pool.model_parks(&r.provider, &r.model))
+            .map(|p| format!("; {p}"))
+            .collect();
+        if let Some(e) = &self.last_upstream_error {
+            why.push_str(&format!("; last upstream error: {e}"));
+        }
+        format!("deadline reached before any key could serve the job{why}")
+    }
+
+    /// **Pick**: the first route in plan order whose budget and pool can
+    /// serve now; the tier of the first live route is the bar, dearer tiers
+    /// only after `spill_at` (see the module doc).
+    fn pick(&mut self, rt: &Runtime, job: &Job, clock: &SharedClock, now: Duration) -> Pick {
+        let epoch = rt.pool.epoch();
+        let mut never: Vec<String> = Vec::new();
+        let mut earliest: Option<Duration> = None;
+        let mut bar: Option<Tier> = None;
+        for route in &self.routes {
+            if let Some(bar) = bar {
+                if route.tier > bar && now < self.spill_at {
+                    // A cheaper tier is alive: wait for it before spilling.
+                    note(&mut earliest, self.spill_at);
+                    continue;
+                }
+            }
+            if let Some(until) = (!self.held.is_empty())
+                .then(|| self.held.get(&route.name()).copied())
+                .flatten()
+            {
+                if until > now {
+                    bar.get_or_insert(route.tier);
+                    note(&mut earliest, until);
+                    continue;
+                }
+            }
+            let est_cost = route.estimate_cost(self.prompt_tokens, self.max_tokens);
+            // Reserved here when it fits; the guard gives it back at the end
+            // of this iteration unless a key is granted.
+            let reservation = match rt.budgets.hold(&route.provider, est_cost, clock) {
+                Ok(r) => r,
+                Err(BudgetCheck::Reached { cap, spent }) => {
+                    never.push(format!(
+                        "{}: daily budget of ${cap} for provider {} reached (${spent:.6} spent today; this job needs up to ${est_cost:.6})",
+                        route.name(),
+                        route.provider
+                    ));
+                    continue;
+                }
+                Err(_) => {
+                    // Calls in flight hold the rest of the budget; they may
+                    // settle for less. Their reports wake us.
+                    bar.get_or_insert(route.tier);
+                    continue;
+                }
+            };
+            let req = AcquireRequest {
+                provider: &route.provider,
+                model: &route.model,
+                tokens: self.charged,
+                strategy: job.route.strategy,
+                pinned: self.pinned.as_ref(),
+                instance: job.route.instance,
+            };
+            let refused: &[KeyId] = if self.too_large.is_empty() {
+                &[]
+            } else {
+                self.too_large.get(&route.name()).map_or(&[], Vec::as_slice)
+            };
+            let backing_off = |id: &KeyId| self.backoff_until.get(id).copied().filter(|u| *u > now);
+            let grant = |permit| {
+                Pick::Granted(Box::new(Grant {
+                    route: route.clone(),
+                    permit,
+                    reservation,
+                    gate: None,
+                }))
+            };
+            match rt.pool.try_acquire_except(&req, refused) {
+                Acquire::Granted(permit) => {
+                    bar.get_or_insert(route.tier);
+                    let Some(until) = backing_off(permit.key_id()) else {
+                        return grant(permit);
+                    };
+                    // This key failed transiently for this job: ask for
+                    // another one while it is held, then give it back.
+                    let other = rt.pool.try_acquire_except(&req, refused);
+                    rt.pool.report(permit, Fate::NotSent);
+                    let mut hold = until;
+                    match other {
+                        Acquire::Granted(p) if backing_off(p.key_id()).is_none() => {
+                            return grant(p);
+                        }
+                        Acquire::Granted(p) => rt.pool.report(p, Fate::NotSent),
+                        Acquire::Wait { until, .. } => hold = hold.min(until),
+                        Acquire::Never(_) => {}
+                    }
+                    // Don't ask this route again before then: each give-back
+                    // wakes every waiter.
+                    self.held.insert(route.name(), hold);
+                    note(&mut earliest, hold);
+                }
+                Acquire::Wait { until, .. } => {
+                    bar.get_or_insert(route.tier);
+                    note(&mut earliest, until);
+                }
+                Acquire::Never(why) => never.push(format!("{}: {why}", route.name())),
+            }
+            // No key: the reservation is given back here (the guard drops).
+        }
+        if bar.is_none() {
+            return Pick::Fail(self.dead_end(never));
+        }
+        Pick::Wait { epoch, earliest }
+    }
+
+    /// Why no route is live (none can serve, now or later).
+    fn dead_end(&self, never: Vec<String>) -> (FailureKind, String) {
+        if !self.too_large.is_empty()
+            && self
+                .routes
+                .iter()
+                .all(|r| self.too_large.contains_key(&r.name()))
+        {
+            // Every key of every route said the request is larger than it
+            // may ever take: no wait or retry can help.
+            return (
+                FailureKind::InvalidRequest,
+                format!(
+                    "request_too_large: every key of every route refused the request as too large; last: {}",
+                    self.too_large_message
+                ),
+            );
+        }
+        (
+            FailureKind::NoRoute,
+            format!("no route can serve this job: {}", never.join("; ")),
+        )
+    }
+
+    /// **Classify** a call that got no answer to parse: the key's fate and
+    /// the job's next step.
+    fn classify_failure(
+        &mut self,
+        route: &Route,
+        key_id: KeyId,
+        failure: CallFailure,
+        now: Duration,
+    ) -> (Fate, Next) {
+        let e = match failure {
+            CallFailure::Plugin(msg) => {
+                return (Fate::Untouched, Next::Fail(FailureKind::Upstream, msg))
+            }
+            CallFailure::Network(e) => e,
+        };
+        let fate = network_fate(&e);
+        let msg = e.to_string();
+        match e {
+            NetError::Deadline(_) => {
+                let why = format!(
+                    "deadline reached during the call to {} on {key_id}",
+                    route.name()
+                );
+                return (fate, Next::Fail(FailureKind::Deadline, why));
+            }
+            NetError::Tls(_) => {
+                // The setup (CA, proxy, URL) is at fault, not the key, and
+                // every key of this provider shares its base URL.
+                let provider = route.provider.clone();
+                tracing::warn!(provider = %provider, error = %msg, "TLS failure: provider dropped for this job");
+                self.routes.retain(|r| r.provider != provider);
+                let why = format!(
+                    "provider {provider} ({}): {msg}; check [upstream] ca_file or SSL_CERT_FILE/SSL_CERT_DIR",
+                    route.info.base_url
+                );
+                if self.routes.is_empty() {
+                    return (fate, Next::Fail(FailureKind::Upstream, why));
+                }
+                self.last_upstream_error = Some(why);
+                return (fate, Next::Again);
+            }
+            _ => {}
+        }
+        self.last_upstream_error = Some(msg.clone());
+        let next = self.transient(key_id, now, || format!("transient failures; last: {msg}"));
+        (fate, next)
+    }
+
+    /// One more transient failure: the key backs off for this job, or the
+    /// job fails as `exhausted` after [`MAX_TRANSIENT_TRIES`].
+    fn transient(&mut self, key_id: KeyId, now: Duration, what: impl Fn() -> String) -> Next {
+        self.transient_tries += 1;
+        if self.transient_tries >= MAX_TRANSIENT_TRIES {
+            let msg = format!("{} {}", self.transient_tries, what());
+            return Next::Fail(FailureKind::Exhausted, msg);
+        }
+        self.backoff_until
+            .insert(key_id, now + backoff(self.transient_tries));
+        Next::Again
+    }
+
+    /// **Classify** the plugin's reading of an answer: the key's fate and
+    /// the job's next step (a success fills the branch).
+    fn classify_answer(
+        &mut self,
+        rt: &Runtime,
+        branch: &mut Branch,
+        route: &Route,
+        key_id: &KeyId,
+        parsed: llmq_sdk::Parsed,
+        now: Duration,
+    ) -> (Fate, Next) {
+        let observed = match &rt.global {
+            Some(gate) => gate.observed(key_id, &parsed.limits),
+            None => parsed.limits,
+        };
+        rt.pool.observe(key_id, &observed);
+        let message = parsed.message.clone().unwrap_or_default();
+        let kind = parsed.outcome.name();
+        match parsed.outcome {
+            Outcome::Success {
+                text,
+                usage,
+                finish_reason,
+                refusal,
+            } => {
+                let cost = route.cost(usage.input_tokens, usage.output_tokens);
+                let provider = route.provider.to_string();
+                metrics::counter!(crate::metrics::TOKENS_TOTAL, "provider" => provider.clone(), "direction" => "input").increment(usage.input_tokens);
+                metrics::counter!(crate::metrics::TOKENS_TOTAL, "provider" => provider.clone(), "direction" => "output").increment(usage.output_tokens);
+                metrics::counter!(crate::metrics::COST_USD_MICROS_TOTAL, "provider" => provider)
+                    .increment((cost * 1e6) as u64);
+                branch.succeeded(text, finish_reason, refusal, &usage, cost, key_id);
+                let fate = Fate::Success {
+                    usage_in: usage.input_tokens,
+                    usage_out: usage.output_tokens,
+                    cost_usd: cost,
+                };
+                (fate, Next::Succeeded)
+            }
+            Outcome::RateLimited { retry_after_ms } => {
+                tracing::warn!(key = %key_id, retry_after_ms, "upstream 429: cooling key down");
+                self.last_upstream_error = Some(format!("rate limited: {message}"));
+                let retry_after = retry_after_ms.map(Duration::from_millis);
+                (Fate::RateLimited { retry_after }, Next::Again)
+            }
+            Outcome::QuotaExhausted { reset, scope } => (
+                self.quota(rt, route, key_id, &message, reset, scope),
+                Next::Again,
+            ),
+            Outcome::AuthFailed => {
+                tracing::warn!(key = %key_id, outcome = kind, "key disabled");
+                self.last_upstream_error = Some(format!("{kind}: {message}"));
+                let reason = format!("{kind}: {message}");
+                (Fate::Disabled { reason }, Next::Again)
+            }
+            Outcome::Transient => {
+                self.last_upstream_error = Some(format!("transient: {message}"));
+                let next = self.transient(key_id.clone(), now, || {
+                    format!("transient upstream failures; last: {message}")
+                });
+                (Fate::Transient, next)
+            }
+            Outcome::ModelNotFound => {
+                let name = route.name();
+                self.routes.retain(|r| r.name() != name);
+                self.last_upstream_error = Some(format!("{name}: model not found: {message}"));
+                let next = if self.routes.is_empty() {
+                    let why = format!("model not found upstream: {message}");
+                    Next::Fail(FailureKind::NoRoute, why)
+                } else {
+                    Next::Again
+                };
+                (Fate::Untouched, next)
+            }
+            Outcome::RequestTooLarge => {
+                // Larger than this key may take in any window (Groq 413 on
+                // TPM): this key is out for this job on this route; the job
+                // moves on at once to the route's other keys and the other
+                // routes, and the key stays as it was.
+                let name = route.name();
+                self.last_upstream_error =
+                    Some(format!("{name}: request too large for {key_id}: {message}"));
+                self.too_large_message = format!("{name} on {key_id}: {message}");
+                self.too_large.entry(name).or_default().push(key_id.clone());
+                (Fate::Untouched, Next::Again)
+            }
+            Outcome::ContextTooLong => {
+                // The prompt is longer than estimated: only a larger context
+                // can help.
+                let name = route.name();
+                let refused = route.context;
+                self.routes.retain(|r| {
+                    r.name() != name
+                        && match (refused, r.context) {
+                            (Some(l), Some(c)) => c > l,
+                            _ => true,
+                        }
+                });
+                self.last_upstream_error = Some(format!("{name}: context too long: {message}"));
+                let next = if self.routes.is_empty() {
+                    let why = format!("context_too_long from {name}: {message}");
+                    Next::Fail(FailureKind::InvalidRequest, why)
+                } else {
+                    Next::Again
+                };
+                (Fate::Untouched, next)
+            }
+            Outcome::InvalidRequest => {
+                let why = format!("{kind} from {}: {message}", route.name());
+                (
+                    Fate::Untouched,
+                    Next::Fail(FailureKind::InvalidRequest, why),
+                )
+            }
+        }
+    }
+
+    /// A `quota_exhausted` answer: the key disabled until the quota's reset,
+    /// or only the model parked on it.
+    fn quota(
+        &mut self,
+        rt: &Runtime,
+        route: &Route,
+        key_id: &KeyId,
+        message: &str,
+        reset: Option<llmq_sdk::QuotaReset>,
+        scope: QuotaScope,
+    ) -> Fate {
+        let until = reset
+            .as_ref()
+            .map(|r| crate::pool::rfc3339_ms(rt.pool.quota_reset_ms(&route.provider, r)));
+        let until_text = until
+            .as_ref()
+            .map(|u| format!(" until {u}"))
+            .unwrap_or_default();
+        let reason = format!("quota_exhausted: {message}");
+        match scope {
+            QuotaScope::Key => {
+                tracing::warn!(key = %key_id, until, "key disabled: quota exhausted");
+                self.last_upstream_error = Some(format!(
+                    "quota_exhausted on key {key_id}{until_text}: {message}"
+                ));
+                Fate::QuotaExhausted { reason, reset }
+            }
+            QuotaScope::Model(named) => {
+                // The model this call asked for is what cannot be served;
+                // the quota normally names it.
+                let model = if model_key(&named) == model_key(&route.model) {
+                    model_key(&named).to_string()
+                } else {
+                    model_key(&route.model).to_string()
+                };
+                tracing::warn!(key = %key_id, model, until, "model parked on key: quota exhausted");
+                self.last_upstream_error = Some(format!(
+                    "quota for model {model} on key {key_id} exhausted{until_text}: {message}"
+                ));
+                Fate::ModelQuota {
+                    model,
+                    reason,
+                    reset,
+                }
+            }
+        }
     }
 }
 

@@ -44,6 +44,16 @@
 //! its slot counted until its death is noticed ([`GlobalGate::reap`], from
 //! `cluster`) + window, at most admission + [`MAX_CALL`] + window: never early.
 //!
+//! **Cancelled calls.** A [`GlobalCall`] dropped without
+//! [`GlobalGate::complete`] (its job's future was dropped in the middle of
+//! the call, or the executor returned early) completes itself as
+//! `cancelled`, asynchronously on the runtime: its slot is re-stamped with
+//! the time of the drop (never earlier than the upstream saw the request),
+//! and its fate is unknown: the key is neither proven nor blamed, and a
+//! probe marker it held is freed at once (a disabled key's re-probe is due
+//! again at once, as in the local pool). Its slot never stays until
+//! [`MAX_CALL`], and its probe never holds the key back.
+//!
 //! **Bursts.** One admission per key is in flight per daemon, and a fresh
 //! RPM "wait" answers the jobs queued behind it without a round trip.
 //!
@@ -229,7 +239,9 @@ return {'granted', member, probe_flag, proven}
 
 /// KEYS: window zset, state hash, window meta hash (see ADMIT).
 /// ARGV: member ('' when the call skipped admission), fate, cooldown_ms,
-/// reason, reprobe_ms, inconclusive_reprobe_ms.
+/// reason, reprobe_ms, inconclusive_reprobe_ms. The fate `cancelled` (a
+/// dropped call, see [`GlobalCall`]) is an unknown fate: the slot counts, the
+/// probe marker goes and a disabled key's re-probe is due at once.
 const COMPLETE: &str = r#"
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -273,6 +285,10 @@ elseif fate == 'disabled' then
 elseif fate == 'transient' then
   if disabled and probe then
     redis.call('HSET', KEYS[2], 'next_probe_ms', now_ms + tonumber(ARGV[6]))
+  end
+elseif fate == 'cancelled' then
+  if disabled and probe then
+    redis.call('HSET', KEYS[2], 'next_probe_ms', now_ms)
   end
 end
 return 1
@@ -461,8 +477,11 @@ pub enum Admit {
 }
 
 /// One admitted call; hand it back with [`GlobalGate::complete`]. Dropping
-/// it is safe: its slot then counts until admission + [`MAX_CALL`] + window.
-#[derive(Debug)]
+/// it without completing it (an early return, a panic, a cancelled job
+/// future) completes it as `cancelled` in the background (see the module
+/// doc): its slot is stamped with the time of the drop and its probe marker
+/// freed at once. (Without a tokio runtime to run that on, its slot counts
+/// until admission + [`MAX_CALL`] + window and the marker expires then.)
 #[must_use = "complete the call so its slot is stamped with the completion time"]
 pub struct GlobalCall {
     key: KeyId,
@@ -474,6 +493,74 @@ pub struct GlobalCall {
     probe: bool,
     /// The key had been proven before this call.
     proven: bool,
+    /// What completes it when it is dropped unfinished (`None` for calls
+    /// not made by a gate, and once it has been completed).
+    ender: Option<Arc<Ender>>,
+    limits: KeyLimits,
+}
+
+impl std::fmt::Debug for GlobalCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GlobalCall")
+            .field("key", &self.key)
+            .field("member", &self.member)
+            .field("probe", &self.probe)
+            .field("proven", &self.proven)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for GlobalCall {
+    fn drop(&mut self) {
+        let (Some(ender), Some(member)) = (self.ender.take(), self.member.take()) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(key = %self.key, "cluster gate: a dropped call cannot be completed outside the runtime; its slot counts until it expires");
+            return;
+        };
+        tracing::debug!(key = %self.key, probe = self.probe, "cluster gate: call dropped unfinished; completing it as cancelled");
+        metrics::counter!("llmq_global_cancelled_total").increment(1);
+        let (key, keys, limits) = (self.key.clone(), self.keys.clone(), self.limits);
+        runtime.spawn(async move {
+            let fate = CANCELLED;
+            if let Err(e) = ender.run(&keys, &member, fate, &limits).await {
+                tracing::warn!(key = %key, error = %e, "cluster gate: cancelled call not recorded; its slot counts until it expires");
+            }
+        });
+    }
+}
+
+/// The completion script's fate for a call dropped unfinished.
+const CANCELLED: (&str, u64, &str, Duration) = ("cancelled", 0, "", Duration::ZERO);
+
+/// Runs the completion script; shared by [`GlobalGate::complete`] and the
+/// completion of a dropped [`GlobalCall`].
+struct Ender {
+    conn: ConnectionManager,
+    script: Script,
+}
+
+impl Ender {
+    /// `fate`: (name, cooldown, reason, reprobe after).
+    async fn run(
+        &self,
+        keys: &GateKeys,
+        member: &str,
+        fate: (&str, u64, &str, Duration),
+        limits: &KeyLimits,
+    ) -> Result<(), redis::RedisError> {
+        let (name, cooldown_ms, reason, reprobe) = fate;
+        let mut inv = GlobalGate::invocation(&self.script, keys);
+        inv.arg(member)
+            .arg(name)
+            .arg(cooldown_ms)
+            .arg(reason)
+            .arg(reprobe.as_millis() as u64)
+            .arg(limits.reprobe.min(limits.cooldown).as_millis() as u64);
+        let mut conn = self.conn.clone();
+        inv.invoke_async::<i64>(&mut conn).await.map(|_| ())
+    }
 }
 
 impl GlobalCall {
@@ -527,7 +614,7 @@ type Table = HashMap<KeyId, Arc<Entry>>;
 pub struct GlobalGate {
     conn: ConnectionManager,
     admit: Script,
-    complete: Script,
+    complete: Arc<Ender>,
     operator: Script,
     state: Script,
     reap: Script,
@@ -592,6 +679,8 @@ fn parse_admit(key: &KeyId, keys: &Arc<GateKeys>, v: Value) -> Result<Admit, Gat
             member: Some(items.get(1).and_then(text).ok_or_else(|| bad(&v))?),
             probe: n(2)? == 1,
             proven: n(3)? == 1,
+            ender: None,
+            limits: KeyLimits::default(),
         }),
         "wait" => Admit::Wait {
             wait: Duration::from_micros(n(1)?.max(1) as u64),
@@ -691,11 +780,14 @@ impl GlobalGate {
         ring: &KeyRing,
     ) -> GlobalGate {
         let gate = GlobalGate {
-            conn,
+            conn: conn.clone(),
             reap: Script::new(REAP),
             owner: owner.chars().filter(|c| *c != ':').collect(),
             admit: Script::new(ADMIT),
-            complete: Script::new(COMPLETE),
+            complete: Arc::new(Ender {
+                conn: conn.clone(),
+                script: Script::new(COMPLETE),
+            }),
             operator: Script::new(OPERATOR),
             state: Script::new(STATE),
             table: RwLock::new(Arc::new(HashMap::new())),
@@ -790,6 +882,8 @@ impl GlobalGate {
                 member: None,
                 probe: false,
                 proven: true,
+                ender: None,
+                limits,
             }));
         }
         // Serialised per key, and a fresh "wait" answers for Redis.
@@ -820,7 +914,12 @@ impl GlobalGate {
             .arg(&self.owner);
         let mut conn = self.conn.clone();
         let v: Value = inv.invoke_async(&mut conn).await?;
-        let answer = parse_admit(key, &keys, v)?;
+        let mut answer = parse_admit(key, &keys, v)?;
+        if let Admit::Granted(call) = &mut answer {
+            // From here on, dropping the call completes it.
+            call.ender = Some(self.complete.clone());
+            call.limits = limits;
+        }
         if let Some(e) = &entry {
             match &answer {
                 Admit::Granted(call) if call.proven => e.proven.store(true, Ordering::Relaxed),
@@ -850,8 +949,10 @@ impl GlobalGate {
     /// Ends an admitted call: re-stamps its slot with the completion time
     /// and records what it says about the key (proven, cooling, disabled),
     /// in one round trip. A Redis error is logged; the slot then simply
-    /// counts a little longer and the probe marker expires on its own.
-    pub async fn complete(&self, call: GlobalCall, fate: &Fate) {
+    /// counts a little longer and the probe marker expires on its own. When
+    /// this future is dropped before Redis answered, the call completes
+    /// itself as cancelled (see [`GlobalCall`]).
+    pub async fn complete(&self, mut call: GlobalCall, fate: &Fate) {
         let entry = self.entry(&call.key);
         let limits = entry.as_ref().map(|e| e.limits).unwrap_or_default();
         if let (Fate::Success { .. }, Some(e)) = (fate, &entry) {
@@ -867,15 +968,18 @@ impl GlobalGate {
             return;
         }
         let (name, cooldown_ms, reason) = fate_args(fate, &limits);
-        let mut inv = Self::invocation(&self.complete, &call.keys);
-        inv.arg(call.member.as_deref().unwrap_or(""))
-            .arg(name)
-            .arg(cooldown_ms)
-            .arg(reason)
-            .arg(reprobe_after(fate, &limits).as_millis() as u64)
-            .arg(limits.reprobe.min(limits.cooldown).as_millis() as u64);
-        let mut conn = self.conn.clone();
-        if let Err(e) = inv.invoke_async::<i64>(&mut conn).await {
+        let args = (
+            name,
+            cooldown_ms,
+            reason.as_str(),
+            reprobe_after(fate, &limits),
+        );
+        let member = call.member.as_deref().unwrap_or("");
+        let done = self.complete.run(&call.keys, member, args, &limits).await;
+        // Recorded (or Redis failed, and the slot expires on its own): the
+        // drop has nothing left to do.
+        call.ender = None;
+        if let Err(e) = done {
             self.warn(&call.key, "completion not recorded", &e);
         }
     }

@@ -970,7 +970,12 @@ impl KeyPool {
 }
 
 /// The right to make one call with one key. Dropping it without a report
-/// releases the concurrency slot and completes the limiter ticket.
+/// (an early return, a panic, a job future dropped in the middle of its
+/// call) ends the call with an unknown fate: the concurrency slot is
+/// released, the limiter ticket completed as if the call was sent (its slot
+/// counts from now, never earlier than the upstream saw it), and a probe it
+/// held is freed at once (the key keeps its state; a disabled key's
+/// re-probe is due again at once).
 pub struct Permit {
     inner: Arc<Inner>,
     provider: Arc<Provider>,

@@ -246,3 +246,75 @@ fn random_operations_keep_the_pool_consistent_and_never_miss_capacity() {
         "granted {granted}, waits {waits}, nevers {nevers}, probes {probes}"
     );
 }
+
+#[test]
+fn a_dropped_probe_permit_frees_the_probe_at_once_with_an_unknown_fate() {
+    let clock = ManualClock::new(1_714_521_600_000);
+    let mut config = Config::default();
+    config
+        .providers
+        .insert("p".into(), ProviderConfig::default());
+    config.keys.reprobe_interval = Duration::from_secs(60);
+    let id = KeyId::new("p", 1);
+    let ring = KeyRing::from_keys([ApiKey::new(
+        id.clone(),
+        Some(SecretString::from("secret-1")),
+        "test",
+    )]);
+    let pool = KeyPool::new(&config, &ring, Arc::new(clock.clone()) as Arc<dyn Clock>);
+    let req = AcquireRequest {
+        provider: "p",
+        model: "a",
+        tokens: 10,
+        strategy: None,
+        pinned: None,
+        instance: None,
+    };
+    let granted = |pool: &KeyPool| match pool.try_acquire(&req) {
+        Acquire::Granted(p) => p,
+        other => panic!("expected a grant, got {other:?}"),
+    };
+    // The key is refused, then its re-probe comes due.
+    let p = granted(&pool);
+    p.report(Fate::Disabled {
+        reason: "auth_failed".into(),
+    });
+    assert!(!matches!(pool.try_acquire(&req), Acquire::Granted(_)));
+    clock.advance(Duration::from_secs(61));
+    let probe = granted(&pool);
+    assert!(probe.is_probe());
+    assert!(
+        !matches!(pool.try_acquire(&req), Acquire::Granted(_)),
+        "one probe at a time"
+    );
+    let snap = |pool: &KeyPool| {
+        pool.snapshot()
+            .into_iter()
+            .find(|k| k.id == id)
+            .expect("the key")
+    };
+    assert!(snap(&pool).probing);
+    // Dropped in the middle of the call (a cancelled job future).
+    drop(probe);
+    check(&pool);
+    let k = snap(&pool);
+    assert!(!k.probing && k.in_flight == 0, "{k:?}");
+    assert_eq!(
+        k.status,
+        KeyStatus::Disabled,
+        "an unknown fate proves nothing"
+    );
+    assert_eq!(
+        k.stats.requests, 2,
+        "the dropped call may have been sent: it counts"
+    );
+    // The re-probe is due again at once, not after another interval.
+    let again = granted(&pool);
+    assert!(again.is_probe());
+    again.report(Fate::Success {
+        usage_in: 1,
+        usage_out: 1,
+        cost_usd: 0.0,
+    });
+    assert_eq!(snap(&pool).status, KeyStatus::Available);
+}
