@@ -388,6 +388,106 @@ pub fn materialize(format: Format, seeds: &[Vec<u8>], case: &Case) -> Vec<u8> {
     out
 }
 
+/// The deterministic sweep run before the random cases: every number field
+/// of the seeds set to each of [`EXTREMES`], and every object with its first
+/// key written twice. A field is named by its last two keys (array indexes
+/// left out), and each name is swept once, in the first seed that has it,
+/// so the sweep stays small. For `.env` text: every numeric value and every
+/// numeric name suffix (`_3`) set to each extreme.
+pub fn extremes(format: Format, seeds: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for seed in seeds {
+        let tree = match format {
+            Format::Json => serde_json::from_slice::<Value>(seed).ok().map(|mut v| {
+                open(&mut v);
+                v
+            }),
+            Format::Toml => std::str::from_utf8(seed)
+                .ok()
+                .and_then(|t| t.parse::<toml::Table>().ok())
+                .and_then(|t| serde_json::to_value(t).ok()),
+            Format::Text => {
+                text_extremes(seed, &mut seen, &mut out);
+                continue;
+            }
+        };
+        let Some(tree) = tree else { continue };
+        for path in paths(&tree) {
+            let names: Vec<&str> = path
+                .iter()
+                .filter_map(|s| match s {
+                    Seg::Key(k) if k != OPENED => Some(k.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let name = names[names.len().saturating_sub(2)..].join(".");
+            let mut variants = Vec::new();
+            let mut t = tree.clone();
+            match at(&mut t, &path) {
+                Some(Value::Number(_)) if seen.insert(format!("n:{name}")) => {
+                    for i in 0..EXTREMES.len() {
+                        variants.push(Leaf::Extreme(i as u8));
+                    }
+                }
+                Some(Value::Object(m)) if !m.is_empty() && seen.insert(format!("o:{name}")) => {
+                    m.insert(DUP.into(), Value::Bool(true));
+                    out.push(tree_bytes(format, t));
+                }
+                _ => {}
+            }
+            for leaf in variants {
+                let mut t = tree.clone();
+                if let Some(n) = at(&mut t, &path) {
+                    *n = self::leaf(&leaf);
+                }
+                out.push(tree_bytes(format, t));
+            }
+        }
+    }
+    out
+}
+
+fn tree_bytes(format: Format, v: Value) -> Vec<u8> {
+    match format {
+        Format::Toml => match to_toml(v) {
+            Some(toml::Value::Table(t)) => toml::to_string(&t).unwrap_or_default().into_bytes(),
+            _ => Vec::new(),
+        },
+        _ => write_json(&close(v)).into_bytes(),
+    }
+}
+
+fn text_extremes(
+    seed: &[u8],
+    seen: &mut std::collections::BTreeSet<String>,
+    out: &mut Vec<Vec<u8>>,
+) {
+    let text = String::from_utf8_lossy(seed);
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        let stem = name.trim_end_matches(|c: char| c.is_ascii_digit());
+        let numbered = stem.len() < name.len() && stem.ends_with('_');
+        let numeric = value.trim().parse::<f64>().is_ok();
+        if !(numbered || numeric) || !seen.insert(format!("e:{stem}")) {
+            continue;
+        }
+        for x in EXTREMES {
+            let mut edited = lines.clone();
+            let replaced = if numeric {
+                format!("{name}={x}")
+            } else {
+                format!("{stem}{x}={value}")
+            };
+            edited[i] = &replaced;
+            out.push(edited.join("\n").into_bytes());
+        }
+    }
+}
+
 /// The key of an opened-up JSON string.
 const OPENED: &str = "\u{1}json";
 /// The key that marks an object whose first key is written twice.

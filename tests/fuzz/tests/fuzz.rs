@@ -22,6 +22,13 @@ macro_rules! fuzz_target {
             let f: Target = $f;
             let (files, files_deep) = replay(target, f);
             let seeds: Vec<Vec<u8>> = corpus(target).into_iter().map(|(_, b)| b).collect();
+            let sweep = mutate::extremes($format, &seeds);
+            let started = Instant::now();
+            let sweep_deep = sweep
+                .iter()
+                .filter(|input| run_named("an extreme value", input, f))
+                .count();
+            let sweep_time = started.elapsed();
             let (cases, deep) = (AtomicUsize::new(0), AtomicUsize::new(0));
             let started = Instant::now();
             check!()
@@ -37,7 +44,9 @@ macro_rules! fuzz_target {
             // Seen with `--nocapture`: how far the run got.
             println!(
                 "fuzz {target}: corpus {files} files ({files_deep} past parsing); \
+                 {} extremes ({sweep_deep} past parsing) in {sweep_time:.1?}; \
                  {} mutated cases ({} past parsing) in {:.1?}",
+                sweep.len(),
                 cases.into_inner(),
                 deep.into_inner(),
                 started.elapsed()
@@ -69,5 +78,24 @@ fn the_mutator_edits_json_toml_and_text_as_documented() {
     mutate::self_check();
 }
 
-/// Inputs the fuzzers found crashes with, each fixed.
-mod regressions {}
+/// Inputs the fuzzers found crashes with, each fixed. Each is also in its
+/// target's corpus as `crash-*`.
+mod regressions {
+    use super::*;
+
+    /// Gemini `parse` added `candidatesTokenCount + thoughtsTokenCount`
+    /// unchecked: u64::MAX thinking tokens panicked ("attempt to add with
+    /// overflow") in a debug build and wrapped in a release one. Found by
+    /// the extremes sweep; fixed with a saturating add.
+    #[test]
+    fn gemini_usage_counts_at_u64_max_do_not_overflow() {
+        let input = br#"{"status":200,"headers":[],"received_at_unix_ms":1714564800000,"body":"{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Step one: \"}],\"role\":\"model\"},\"finishReason\":\"MAX_TOKENS\",\"index\":0}],\"usageMetadata\":{\"candidatesTokenCount\":4,\"promptTokenCount\":25,\"thoughtsTokenCount\":18446744073709551615}}"}"#;
+        assert!(targets::parse::<Gemini>(input));
+        let response: llmq_sdk::HttpResponse = serde_json::from_slice(input).unwrap();
+        let parsed = <Gemini as llmq_sdk::Plugin>::parse(&response).unwrap();
+        match parsed.outcome {
+            llmq_sdk::Outcome::Success { usage, .. } => assert_eq!(usage.output_tokens, u64::MAX),
+            other => panic!("expected success, got {other:?}"),
+        }
+    }
+}
