@@ -3,15 +3,17 @@
 //! Each target (in [`targets`]) takes raw bytes and panics when an invariant
 //! breaks. `tests/fuzz.rs` runs each one in three ways:
 //!
-//! 1. every file of its corpus, `corpus/<target>/`, as it is;
+//! 1. every file of its corpus, `corpus/<target>/`, as it is, then the
+//!    corpus with each number field set to extreme values ([`mutate::extremes`]);
 //! 2. every file of `corpus/<target>/` mutated by bolero-generated [`mutate::Case`]s,
-//!    for [`budget`] (`LLMQ_FUZZ_SECS`, default a few seconds) under
+//!    for [`budget`] (`LLMQ_FUZZ_SECS`, default [`DEFAULT_SECS`]) under
 //!    `cargo test` — bolero's random engine on stable Rust;
 //! 3. the same cases under libFuzzer with `cargo bolero test` (nightly), for
 //!    as long as one likes.
 //!
-//! The corpus is seeded from the plugin fixtures, `config/*.toml` and
-//! `config/keys.env.example` (see `corpus/README.md`).
+//! The corpus is seeded from the plugin fixtures, `config/llmq.toml` and
+//! `config/keys.env.example` by `corpus/seed.py`; crash inputs are kept
+//! there as `crash-*`.
 
 pub mod mutate;
 pub mod targets;
@@ -20,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Default time each target fuzzes under `cargo test`.
-pub const DEFAULT_SECS: f64 = 4.0;
+pub const DEFAULT_SECS: f64 = 10.0;
 
 /// How long each target fuzzes: `LLMQ_FUZZ_SECS` (seconds, fractions
 /// allowed), else [`DEFAULT_SECS`].
@@ -81,7 +83,17 @@ pub fn replay(target: &str, f: Target) -> (usize, usize) {
 /// Runs one input; on a panic, prints the input (so it can become a
 /// regression test) and panics on.
 pub fn run_named(what: &str, bytes: &[u8], f: Target) -> bool {
-    match std::panic::catch_unwind(|| f(bytes)) {
+    let started = std::time::Instant::now();
+    let result = std::panic::catch_unwind(|| f(bytes));
+    let took = started.elapsed();
+    if took > std::time::Duration::from_secs(1) {
+        eprintln!(
+            "fuzz: slow input ({took:.1?}, {} bytes): {:?}",
+            bytes.len(),
+            String::from_utf8_lossy(&bytes[..bytes.len().min(400)])
+        );
+    }
+    match result {
         Ok(deep) => deep,
         Err(panic) => {
             match std::str::from_utf8(bytes) {

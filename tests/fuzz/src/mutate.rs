@@ -63,7 +63,8 @@ pub enum TreeEdit {
         key: u8,
         to: Leaf,
     },
-    /// Repeat the last element of an array `times % 1100` times (1,000 models).
+    /// Repeat the last element of an array `times % 1100` times (1,000
+    /// models), as far as [`MAX_GROWTH`] allows.
     Repeat {
         node: u16,
         times: u16,
@@ -92,7 +93,7 @@ pub enum Leaf {
     /// One of [`WORDS`].
     Word(u8),
     Text(#[generator(String::produce().with().len(0usize..24))] String),
-    /// `len` copies of a character.
+    /// `len % 4097` copies of a character.
     Long {
         ch: u8,
         len: u16,
@@ -388,12 +389,29 @@ pub fn materialize(format: Format, seeds: &[Vec<u8>], case: &Case) -> Vec<u8> {
     out
 }
 
-/// The deterministic sweep run before the random cases: every number field
-/// of the seeds set to each of [`EXTREMES`], and every object with its first
-/// key written twice. A field is named by its last two keys (array indexes
-/// left out), and each name is swept once, in the first seed that has it,
-/// so the sweep stays small. For `.env` text: every numeric value and every
-/// numeric name suffix (`_3`) set to each extreme.
+/// The numbers of [`EXTREMES`] that the TOML and `.env` sweeps use (those
+/// inputs are slower to load: the catalog is read again for each).
+pub const SWEEP_EXTREMES: &[&str] = &[
+    "18446744073709551615",
+    "9223372036854775807",
+    "-9223372036854775808",
+    "4294967296",
+    "-1",
+    "0",
+    "1e999",
+    "-0.0",
+    "5e-324",
+    "NaN",
+];
+
+/// The deterministic sweep run before the random cases. JSON: every number
+/// field of the seeds set to each of [`EXTREMES`], and every object with its
+/// first key written twice; a field is named by its last two keys (array
+/// indexes left out). TOML: every number field set to each of
+/// [`SWEEP_EXTREMES`], a field named by its last key. Each name is swept
+/// once, in the first seed that has it, so the sweep stays small. `.env`
+/// text: every numeric value and every numeric name suffix (`_3`) set to
+/// each of [`SWEEP_EXTREMES`], once per variable kind (`MAX_CONCURRENT_`).
 pub fn extremes(format: Format, seeds: &[Vec<u8>]) -> Vec<Vec<u8>> {
     let mut seen = std::collections::BTreeSet::new();
     let mut out = Vec::new();
@@ -421,27 +439,32 @@ pub fn extremes(format: Format, seeds: &[Vec<u8>]) -> Vec<Vec<u8>> {
                     _ => None,
                 })
                 .collect();
-            let name = names[names.len().saturating_sub(2)..].join(".");
-            let mut variants = Vec::new();
+            let (keep, extremes) = match format {
+                Format::Toml => (1, SWEEP_EXTREMES),
+                _ => (2, EXTREMES),
+            };
+            let name = names[names.len().saturating_sub(keep)..].join(".");
             let mut t = tree.clone();
             match at(&mut t, &path) {
                 Some(Value::Number(_)) if seen.insert(format!("n:{name}")) => {
-                    for i in 0..EXTREMES.len() {
-                        variants.push(Leaf::Extreme(i as u8));
+                    for x in extremes {
+                        let mut t = tree.clone();
+                        if let Some(n) = at(&mut t, &path) {
+                            *n = Value::String(format!("{RAW}{x}"));
+                        }
+                        out.push(tree_bytes(format, t));
                     }
                 }
-                Some(Value::Object(m)) if !m.is_empty() && seen.insert(format!("o:{name}")) => {
+                // TOML has no duplicate keys to write.
+                Some(Value::Object(m))
+                    if format == Format::Json
+                        && !m.is_empty()
+                        && seen.insert(format!("o:{name}")) =>
+                {
                     m.insert(DUP.into(), Value::Bool(true));
                     out.push(tree_bytes(format, t));
                 }
                 _ => {}
-            }
-            for leaf in variants {
-                let mut t = tree.clone();
-                if let Some(n) = at(&mut t, &path) {
-                    *n = self::leaf(&leaf);
-                }
-                out.push(tree_bytes(format, t));
             }
         }
     }
@@ -472,10 +495,12 @@ fn text_extremes(
         let stem = name.trim_end_matches(|c: char| c.is_ascii_digit());
         let numbered = stem.len() < name.len() && stem.ends_with('_');
         let numeric = value.trim().parse::<f64>().is_ok();
-        if !(numbered || numeric) || !seen.insert(format!("e:{stem}")) {
+        // The kind of variable: the stem without its provider prefix.
+        let kind = stem.split_once('_').map_or(stem, |(_, k)| k);
+        if !(numbered || numeric) || !seen.insert(format!("e:{kind}:{numeric}")) {
             continue;
         }
-        for x in EXTREMES {
+        for x in SWEEP_EXTREMES {
             let mut edited = lines.clone();
             let replaced = if numeric {
                 format!("{name}={x}")
@@ -487,6 +512,9 @@ fn text_extremes(
         }
     }
 }
+
+/// The most bytes one [`TreeEdit::Repeat`] adds, so that a case stays quick.
+pub const MAX_GROWTH: usize = 256 * 1024;
 
 /// The key of an opened-up JSON string.
 const OPENED: &str = "\u{1}json";
@@ -670,7 +698,9 @@ fn apply_tree(root: &mut Value, edits: &[TreeEdit]) {
                 let p = pick(root, *node);
                 if let Some(Value::Array(a)) = at(root, &p) {
                     if let Some(last) = a.last().cloned() {
-                        for _ in 0..(*times % 1100) {
+                        let size = last.to_string().len().max(1);
+                        let times = (*times as usize % 1100).min(MAX_GROWTH / size);
+                        for _ in 0..times {
                             a.push(last.clone());
                         }
                     }
@@ -708,7 +738,7 @@ fn leaf(l: &Leaf) -> Value {
         Leaf::Text(s) => Value::String(s.clone()),
         Leaf::Long { ch, len } => {
             let c = char::from(b' ' + ch % 95);
-            Value::String(std::iter::repeat_n(c, *len as usize).collect())
+            Value::String(std::iter::repeat_n(c, *len as usize % 4097).collect())
         }
         Leaf::EmptyArray => Value::Array(Vec::new()),
         Leaf::EmptyObject => Value::Object(Map::new()),
