@@ -404,10 +404,35 @@ pub const SWEEP_EXTREMES: &[&str] = &[
     "NaN",
 ];
 
+/// Text that numbers, durations and timestamps are parsed from (header
+/// values such as `6m0s`, `retry-after`, RFC 3339 resets, `retryDelay`).
+pub const STRING_EXTREMES: &[&str] = &[
+    "",
+    "-1",
+    "0",
+    "18446744073709551616",
+    "1e999",
+    "NaN",
+    "-0.5s",
+    "99999999999999999999h",
+    "9223372036854775807ms",
+    "1.7976931348623157e308s",
+    "5e-324s",
+    "6m0s0m",
+    "1h2m3.4s5",
+    "9999-12-31T23:59:59Z",
+    "0000-01-01T00:00:00Z",
+    "2024-02-30T25:61:61+99:99",
+    "2024-05-01T12:00:01.99999999999999999999Z",
+    "Fri, 31 Dec 9999 23:59:59 GMT",
+    "é1s",
+];
+
 /// The deterministic sweep run before the random cases. JSON: every number
 /// field of the seeds set to each of [`EXTREMES`], and every object with its
 /// first key written twice; a field is named by its last two keys (array
-/// indexes left out). TOML: every number field set to each of
+/// indexes left out); and every string with a digit in it (a header value
+/// is named by its header) set to each of [`STRING_EXTREMES`]. TOML: every number field set to each of
 /// [`SWEEP_EXTREMES`], a field named by its last key. Each name is swept
 /// once, in the first seed that has it, so the sweep stays small. `.env`
 /// text: every numeric value and every numeric name suffix (`_3`) set to
@@ -445,12 +470,36 @@ pub fn extremes(format: Format, seeds: &[Vec<u8>]) -> Vec<Vec<u8>> {
             };
             let name = names[names.len().saturating_sub(keep)..].join(".");
             let mut t = tree.clone();
+            // A header value (`["retry-after", "30"]`) is named by its header.
+            let header = match path.split_last() {
+                Some((Seg::Index(1), parent)) => match at(&mut t, parent) {
+                    Some(Value::Array(pair)) if pair.len() == 2 => {
+                        pair[0].as_str().map(str::to_ascii_lowercase)
+                    }
+                    _ => None,
+                },
+                _ => None,
+            };
             match at(&mut t, &path) {
                 Some(Value::Number(_)) if seen.insert(format!("n:{name}")) => {
                     for x in extremes {
                         let mut t = tree.clone();
                         if let Some(n) = at(&mut t, &path) {
                             *n = Value::String(format!("{RAW}{x}"));
+                        }
+                        out.push(tree_bytes(format, t));
+                    }
+                }
+                Some(Value::String(v))
+                    if format == Format::Json
+                        && v.len() < 64
+                        && v.bytes().any(|b| b.is_ascii_digit())
+                        && seen.insert(format!("s:{}", header.as_deref().unwrap_or(&name))) =>
+                {
+                    for x in STRING_EXTREMES {
+                        let mut t = tree.clone();
+                        if let Some(n) = at(&mut t, &path) {
+                            *n = Value::String(x.to_string());
                         }
                         out.push(tree_bytes(format, t));
                     }
