@@ -83,6 +83,19 @@ fn the_mutator_edits_json_toml_and_text_as_documented() {
 mod regressions {
     use super::*;
 
+    /// `deadline_s` = u64::MAX was accepted and overflowed the executor's
+    /// `now + deadline` (issue 15, figure 3). Found by the extremes sweep on
+    /// this branch's base; fixed on main by job validation (1 s to 30 days,
+    /// the jobval branch). The job is refused at once, naming the field.
+    #[test]
+    fn job_deadline_at_u64_max_is_refused() {
+        let input = br#"{"deadline_s":18446744073709551615,"id":"fan-1","messages":[{"content":"Say hi","role":"user"}],"models":["gpt-4o-mini","claude-3-5-haiku-20241022","gemini-2.0-flash"],"route":{"max_tier":"paid","strategy":"weighted"}}"#;
+        assert!(!targets::job(input), "the job must be refused");
+        let (e, id) = llmq::job::parse_job(input, llmq::job::DEFAULT_MAX_JOB_BYTES).unwrap_err();
+        assert!(e.to_string().contains("deadline_s"), "{e}");
+        assert_eq!(id.as_deref(), Some("fan-1"));
+    }
+
     /// Gemini `parse` added `candidatesTokenCount + thoughtsTokenCount`
     /// unchecked: u64::MAX thinking tokens panicked ("attempt to add with
     /// overflow") in a debug build and wrapped in a release one. Found by
