@@ -60,7 +60,8 @@ fn success(v: &Value) -> Parsed {
     let usage = Usage {
         input_tokens: tokens("promptTokenCount"),
         // Thinking tokens are billed as output.
-        output_tokens: tokens("candidatesTokenCount") + tokens("thoughtsTokenCount"),
+        // Saturating: the counts are the upstream's numbers (fuzz: u64::MAX).
+        output_tokens: tokens("candidatesTokenCount").saturating_add(tokens("thoughtsTokenCount")),
     };
     // A blocked prompt has no candidates: the provider answered, its filter
     // withheld the output (SPEC §9: succeeded, finish_reason content_filter).
