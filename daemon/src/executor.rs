@@ -815,6 +815,13 @@ impl Tries {
                 );
                 return (fate, Next::Fail(FailureKind::Deadline, why));
             }
+            NetError::BadRequest(_) => {
+                let why = format!(
+                    "plugin {} built a request that cannot be sent: {msg}",
+                    route.plugin
+                );
+                return (fate, Next::Fail(FailureKind::Upstream, why));
+            }
             NetError::Tls(_) => {
                 // The setup (CA, proxy, URL) is at fault, not the key, and
                 // every key of this provider shares its base URL.
@@ -1030,9 +1037,11 @@ enum CallFailure {
 /// failure is the setup's fault and the request never reached the provider:
 /// the call counts as not sent, so it neither uses the key's capacity nor
 /// settles a probe (a disabled key stays disabled, an unproven one unproven).
+/// A request the plugin built that cannot be sent (a bad method or
+/// header) is the plugin's bug: nothing was sent, and retrying cannot help.
 fn network_fate(e: &NetError) -> Fate {
     match e {
-        NetError::Tls(_) => Fate::NotSent,
+        NetError::Tls(_) | NetError::BadRequest(_) => Fate::NotSent,
         _ => Fate::Transient,
     }
 }
@@ -1043,6 +1052,7 @@ fn network_outcome(e: &NetError) -> &'static str {
         NetError::Deadline(_) => "deadline",
         NetError::Tls(_) => "tls_error",
         NetError::TooLarge { .. } => "response_too_large",
+        NetError::BadRequest(_) => "plugin_error",
         _ => "network",
     }
 }
@@ -1210,6 +1220,11 @@ mod tests {
         assert_eq!(
             network_fate(&NetError::Connect("refused".into())),
             Fate::Transient
+        );
+        // A plugin's unsendable request is its bug: never retried as network.
+        assert_eq!(
+            network_fate(&NetError::BadRequest("method \"GE T\"".into())),
+            Fate::NotSent
         );
     }
 
