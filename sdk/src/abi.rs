@@ -9,8 +9,8 @@
 //! Only in this SDK: here (reading the host's input bytes, freeing buffers)
 //! and in `host` (loading a library, calling through the vtable). Every
 //! vtable entry is an `unsafe extern "C" fn` with a `# Safety` contract, so
-//! safe code can neither call a shim nor [`free_bytes`]. [`export_plugin!`](crate::export_plugin)
-//! expands to no `unsafe` block: the vtable points straight at the SDK's
+//! safe code can neither call a shim nor [`free_bytes`].
+//! [`export_plugin!`](crate::export_plugin) expands to no `unsafe` block: the vtable points straight at the SDK's
 //! generic shims, and the only item it adds to a plugin crate is the
 //! `#[unsafe(no_mangle)]` entry function, under `#[allow(unsafe_code)]`. The
 //! workspace lints (root `Cargo.toml`) enforce the rest.
