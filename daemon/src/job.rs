@@ -413,7 +413,7 @@ mod unique {
     impl<'de> Visitor<'de> for Seed<'_> {
         type Value = Value;
 
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("any JSON value")
         }
         fn visit_bool<E>(self, b: bool) -> Result<Value, E> {

@@ -5,6 +5,16 @@
 //! `extern "C" fn() -> *const PluginVTable` returning a pointer to a `static`
 //! vtable. Every call exchanges JSON bytes.
 //!
+//! # Where `unsafe` lives
+//! Only in this SDK: here (reading the host's input bytes, freeing buffers)
+//! and in `host` (loading a library, calling through the vtable). Every
+//! vtable entry is an `unsafe extern "C" fn` with a `# Safety` contract, so
+//! safe code can neither call a shim nor [`free_bytes`].
+//! [`export_plugin!`](crate::export_plugin) expands to no `unsafe` block: the vtable points straight at the SDK's
+//! generic shims, and the only item it adds to a plugin crate is the
+//! `#[unsafe(no_mangle)]` entry function, under `#[allow(unsafe_code)]`. The
+//! workspace lints (root `Cargo.toml`) enforce the rest.
+//!
 //! # Memory ownership
 //! - Input bytes are owned by the caller (the host) and only borrowed for the
 //!   duration of the call.
@@ -53,17 +63,44 @@ pub struct RawResult {
 }
 
 /// Signature of `manifest`.
-pub type ManifestFn = extern "C" fn() -> RawResult;
+///
+/// # Safety
+/// The caller must hand the returned buffer to the same plugin's
+/// `free_bytes` exactly once (or leak it), never to another allocator.
+pub type ManifestFn = unsafe extern "C" fn() -> RawResult;
 /// Signature of `prepare` and `parse`: JSON input bytes borrowed for the call.
-pub type CallFn = extern "C" fn(input: *const u8, len: usize) -> RawResult;
+///
+/// # Safety
+/// `input` is null with `len == 0`, or points at `len` initialised bytes that
+/// stay valid and unchanged for the whole call. The returned buffer is owned
+/// as for [`ManifestFn`].
+pub type CallFn = unsafe extern "C" fn(input: *const u8, len: usize) -> RawResult;
 /// Signature of `free_bytes`.
-pub type FreeFn = extern "C" fn(buf: RawBuf);
+///
+/// # Safety
+/// `buf` was returned by a call into the same plugin and is handed back
+/// exactly once, unchanged.
+pub type FreeFn = unsafe extern "C" fn(buf: RawBuf);
 /// Signature of the entry symbol.
-pub type EntryFn = extern "C" fn() -> *const PluginVTable;
+///
+/// # Safety
+/// Loading the library that exports it is the trust boundary; the call itself
+/// takes no arguments and returns a pointer to a `'static` vtable (or null).
+pub type EntryFn = unsafe extern "C" fn() -> *const PluginVTable;
 
 /// The table a plugin hands to the host. Field order is part of the ABI:
 /// new fields may only be appended (and bump [`ABI_MINOR`]).
+///
+/// The function pointers are `unsafe extern "C" fn`: each has a contract
+/// (pointers that must be valid, buffers that must come back to the same
+/// library) that the type system cannot check, so a call through the vtable
+/// needs an `unsafe` block that says why the contract holds. `unsafe` on a
+/// function-pointer type changes neither its size, its alignment nor its
+/// calling convention, so this layout is the same as when they were plain
+/// `extern "C" fn`: that change needed no [`ABI_MAJOR`] (nor [`ABI_MINOR`])
+/// bump, and plugins built before it load unchanged.
 #[repr(C)]
+#[derive(Debug)]
 pub struct PluginVTable {
     /// `size_of::<PluginVTable>()` as the plugin was compiled.
     pub struct_size: usize,
@@ -110,26 +147,21 @@ macro_rules! export_plugin {
         compile_error!("llmq plugins must be built with panic = \"unwind\": a panic must fail one job, not abort the daemon");
 
         const _: () = {
-            extern "C" fn __llmq_manifest() -> $crate::abi::RawResult {
-                $crate::abi::shim_manifest::<$plugin>()
-            }
-            extern "C" fn __llmq_prepare(input: *const u8, len: usize) -> $crate::abi::RawResult {
-                $crate::abi::shim_prepare::<$plugin>(input, len)
-            }
-            extern "C" fn __llmq_parse(input: *const u8, len: usize) -> $crate::abi::RawResult {
-                $crate::abi::shim_parse::<$plugin>(input, len)
-            }
             static __LLMQ_VTABLE: $crate::abi::PluginVTable = $crate::abi::PluginVTable {
                 struct_size: ::core::mem::size_of::<$crate::abi::PluginVTable>(),
                 abi_major: $crate::abi::ABI_MAJOR,
                 abi_minor: $crate::abi::ABI_MINOR,
                 build_info: $crate::abi::BUILD_INFO.as_ptr() as *const ::std::os::raw::c_char,
-                manifest: __llmq_manifest,
-                prepare: __llmq_prepare,
-                parse: __llmq_parse,
+                manifest: $crate::abi::shim_manifest::<$plugin>,
+                prepare: $crate::abi::shim_prepare::<$plugin>,
+                parse: $crate::abi::shim_parse::<$plugin>,
                 free_bytes: $crate::abi::free_bytes,
             };
-            #[no_mangle]
+            // The one item a plugin crate itself must carry: an unmangled
+            // exported symbol, which the `unsafe_code` lint reports. It holds
+            // no `unsafe` block; every pointer is read in the SDK's shims.
+            #[allow(unsafe_code)]
+            #[unsafe(no_mangle)]
             pub extern "C" fn llmq_plugin_entry() -> *const $crate::abi::PluginVTable {
                 &__LLMQ_VTABLE
             }
@@ -151,13 +183,18 @@ pub fn into_raw(bytes: Vec<u8>) -> RawBuf {
 }
 
 /// Frees a buffer made by [`into_raw`] in this same library.
-pub extern "C" fn free_bytes(buf: RawBuf) {
+///
+/// # Safety
+/// `buf` must have been returned by [`into_raw`] in this same library (so by
+/// a call into this plugin), unchanged, and must not be freed or used again
+/// afterwards. A null `ptr` is ignored.
+pub unsafe extern "C" fn free_bytes(buf: RawBuf) {
     if buf.ptr.is_null() {
         return;
     }
-    // SAFETY: `buf` was produced by `into_raw` in this library from a
-    // `Vec<u8>` with exactly this ptr/len/cap, and the ABI contract says it is
-    // handed back exactly once, so rebuilding and dropping the Vec is sound.
+    // SAFETY: the caller's contract: `buf` was produced by `into_raw` in this
+    // library from a `Vec<u8>` with exactly this ptr/len/cap and is handed
+    // back exactly once, so rebuilding and dropping the Vec is sound.
     drop(unsafe { Vec::from_raw_parts(buf.ptr, buf.len, buf.cap) });
 }
 
@@ -201,12 +238,16 @@ fn panic_result(payload: Box<dyn std::any::Any + Send>) -> RawResult {
 }
 
 /// Borrows the host's input bytes.
-fn input_slice<'a>(input: *const u8, len: usize) -> &'a [u8] {
+///
+/// # Safety
+/// `input` is null, or points at `len` initialised bytes that stay valid and
+/// unchanged for `'a` (the [`CallFn`] contract).
+unsafe fn input_slice<'a>(input: *const u8, len: usize) -> &'a [u8] {
     if input.is_null() || len == 0 {
         return &[];
     }
-    // SAFETY: the ABI contract: the host passes a pointer to `len` readable
-    // bytes that it owns and keeps alive for the whole call.
+    // SAFETY: the caller's contract (above): `input` is non-null here and
+    // points at `len` readable bytes the host keeps alive for the call.
     unsafe { std::slice::from_raw_parts(input, len) }
 }
 
@@ -217,15 +258,27 @@ fn guarded(f: impl FnOnce() -> RawResult) -> RawResult {
     }
 }
 
+/// The `manifest` entry of a plugin's vtable (used by [`export_plugin!`]).
+///
+/// # Safety
+/// As [`ManifestFn`]: the returned buffer goes back to this library's
+/// [`free_bytes`] only.
 #[doc(hidden)]
-pub fn shim_manifest<P: Plugin>() -> RawResult {
+pub unsafe extern "C" fn shim_manifest<P: Plugin>() -> RawResult {
     guarded(|| ok_json(&P::manifest()))
 }
 
+/// The `prepare` entry of a plugin's vtable (used by [`export_plugin!`]).
+///
+/// # Safety
+/// As [`CallFn`]: `input` is null or points at `len` bytes valid for the
+/// call; the returned buffer goes back to this library's [`free_bytes`] only.
 #[doc(hidden)]
-pub fn shim_prepare<P: Plugin>(input: *const u8, len: usize) -> RawResult {
+pub unsafe extern "C" fn shim_prepare<P: Plugin>(input: *const u8, len: usize) -> RawResult {
     guarded(|| {
-        let bytes = input_slice(input, len);
+        // SAFETY: forwarded from this function's contract (the host's input
+        // bytes outlive the call, and the slice does not escape it).
+        let bytes = unsafe { input_slice(input, len) };
         match serde_json::from_slice::<PrepareInput>(bytes) {
             Ok(inp) => match P::prepare(&inp) {
                 Ok(req) => ok_json(&req),
@@ -238,10 +291,16 @@ pub fn shim_prepare<P: Plugin>(input: *const u8, len: usize) -> RawResult {
     })
 }
 
+/// The `parse` entry of a plugin's vtable (used by [`export_plugin!`]).
+///
+/// # Safety
+/// As [`shim_prepare`].
 #[doc(hidden)]
-pub fn shim_parse<P: Plugin>(input: *const u8, len: usize) -> RawResult {
+pub unsafe extern "C" fn shim_parse<P: Plugin>(input: *const u8, len: usize) -> RawResult {
     guarded(|| {
-        let bytes = input_slice(input, len);
+        // SAFETY: forwarded from this function's contract (the host's input
+        // bytes outlive the call, and the slice does not escape it).
+        let bytes = unsafe { input_slice(input, len) };
         match serde_json::from_slice::<HttpResponse>(bytes) {
             Ok(resp) => match P::parse(&resp) {
                 Ok(parsed) => ok_json(&parsed),

@@ -1,6 +1,9 @@
 //! The loading side of the ABI: opens a plugin `cdylib`, checks it and calls it.
 //!
-//! This module and [`crate::abi`] are the only places with `unsafe` code.
+//! This module and [`crate::abi`] are the only places with `unsafe` code
+//! (every other crate in the workspace forbids it; see the root
+//! `Cargo.toml`). Every `unsafe` block carries a `// SAFETY:` comment, which
+//! `clippy::undocumented_unsafe_blocks` enforces.
 //! Libraries are never unloaded: a [`LoadedPlugin`] leaks its
 //! [`libloading::Library`], so the vtable and every function pointer stay
 //! valid for the life of the process.
@@ -102,7 +105,9 @@ impl LoadedPlugin {
                 path: p.clone(),
                 reason: e.to_string(),
             })?;
-        let raw = entry();
+        // SAFETY: the entry function takes no arguments; running code from
+        // the library is the trust boundary already crossed by loading it.
+        let raw = unsafe { entry() };
         if raw.is_null() {
             return Err(LoadError::NullVTable { path: p });
         }
@@ -235,9 +240,14 @@ impl LoadedPlugin {
 
     fn call_raw(&self, call: &'static str, input: Option<&[u8]>) -> Result<Vec<u8>, CallError> {
         let result: RawResult = match (call, input) {
-            ("manifest", _) => (self.vtable.manifest)(),
-            ("prepare", Some(b)) => (self.vtable.prepare)(b.as_ptr(), b.len()),
-            ("parse", Some(b)) => (self.vtable.parse)(b.as_ptr(), b.len()),
+            // SAFETY: `manifest` takes no input; the buffer it returns is
+            // handed to this plugin's `free_bytes` by `take` below.
+            ("manifest", _) => unsafe { (self.vtable.manifest)() },
+            // SAFETY: `b` is a live slice of `b.len()` bytes borrowed for the
+            // whole call (the `CallFn` contract); the result goes to `take`.
+            ("prepare", Some(b)) => unsafe { (self.vtable.prepare)(b.as_ptr(), b.len()) },
+            // SAFETY: as for `prepare`.
+            ("parse", Some(b)) => unsafe { (self.vtable.parse)(b.as_ptr(), b.len()) },
             _ => return Err(self.garbage(call, "unknown call".into())),
         };
         let bytes = self.take(result.buf);
@@ -280,7 +290,10 @@ impl LoadedPlugin {
         // SAFETY: the plugin returned a non-null buffer of `len` initialised
         // bytes that stays valid until we pass it to its `free_bytes`.
         let copy = unsafe { std::slice::from_raw_parts(buf.ptr, buf.len) }.to_vec();
-        (self.vtable.free_bytes)(buf);
+        // SAFETY: `buf` came from a call into this same plugin (the only
+        // caller is `call_raw`), is unchanged, and is freed exactly once here;
+        // `copy` owns its own bytes, so nothing reads `buf` afterwards.
+        unsafe { (self.vtable.free_bytes)(buf) };
         Ok(copy)
     }
 }

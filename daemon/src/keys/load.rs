@@ -120,7 +120,7 @@ fn load_provider(
     }
 
     // Group by secret, in order of first appearance.
-    let mut groups: Vec<Group> = Vec::new();
+    let mut groups: Vec<Group<'_>> = Vec::new();
     let mut index: HashMap<&str, usize> = HashMap::new();
     for c in candidates {
         let slot = c.secret.and_then(|s| index.get(s).copied());

@@ -28,6 +28,7 @@ pub const IMPOSSIBLE_OUTCOMES: [(&str, &str); 1] = [(
 )];
 
 /// The Anthropic plugin.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Anthropic;
 
 impl llmq_sdk::Plugin for Anthropic {

@@ -32,6 +32,7 @@ pub const IMPOSSIBLE_OUTCOMES: [(&str, &str); 1] = [(
 )];
 
 /// The Gemini plugin.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Gemini;
 
 impl llmq_sdk::Plugin for Gemini {

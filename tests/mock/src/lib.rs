@@ -98,6 +98,15 @@ pub struct MockServer {
     task: Option<JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for MockServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockServer")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl MockServer {
     /// Starts a server on `127.0.0.1` with an ephemeral port.
     pub async fn start(config: MockConfig) -> Result<MockServer, MockError> {

@@ -14,6 +14,16 @@ pub struct DaemonProcess {
     pub dir: tempfile::TempDir,
 }
 
+impl std::fmt::Debug for DaemonProcess {
+    // Not the log lines: they can be long, and a test may print this.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonProcess")
+            .field("pid", &self.child.as_ref().map(Child::id))
+            .field("dir", &self.dir.path())
+            .finish_non_exhaustive()
+    }
+}
+
 /// What to start the daemon with.
 #[derive(Debug, Clone)]
 pub struct DaemonSpec {

@@ -47,6 +47,7 @@ pub enum Persistence {
 }
 
 /// A private redis-server, killed (and its dir removed) on drop.
+#[derive(Debug)]
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,

@@ -38,7 +38,9 @@ static VTABLE: PluginVTable = PluginVTable {
     free_bytes: abi::free_bytes,
 };
 
-#[no_mangle]
+// The exported entry symbol: the one `unsafe_code` item a plugin needs.
+#[allow(unsafe_code)]
+#[unsafe(no_mangle)]
 pub extern "C" fn llmq_plugin_entry() -> *const PluginVTable {
     &VTABLE
 }

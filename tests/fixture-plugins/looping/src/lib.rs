@@ -7,6 +7,7 @@
 use llmq_sdk::{HttpRequest, HttpResponse, Manifest, Parsed, Plugin, PluginError, PrepareInput};
 use std::time::{Duration, Instant};
 
+#[derive(Debug)]
 pub struct Looping;
 
 /// How long `parse` spins.

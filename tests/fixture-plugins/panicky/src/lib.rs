@@ -3,6 +3,7 @@
 
 use llmq_sdk::{HttpRequest, HttpResponse, Manifest, Parsed, Plugin, PluginError, PrepareInput};
 
+#[derive(Debug)]
 pub struct Panicky;
 
 impl Plugin for Panicky {
