@@ -15,13 +15,26 @@
 //! `flush_every` (1 s) and at shutdown: the hot path never waits on Redis.
 //! Counters are increments (`HINCRBY`), so several daemons add up.
 //!
+//! Each upstream call is counted when it completes (the pool books it when
+//! its permit is reported, before the job's result is written), so a
+//! `kill -9` loses at most the calls completed since the last flush (one
+//! `flush_every`) and the calls in flight at the kill, whose answer the
+//! daemon never saw; the calls of a job that is re-delivered after a crash
+//! are counted by the daemon that makes them.
+//!
+//! While Redis is unreachable the counters of failed flushes are merged,
+//! per key and day (and model, and provider for spend), into
+//! [`PendingCounters`]: memory grows with the number of keys, not with the
+//! length of the outage, and the next flush that lands writes each sum once.
+//!
 //! Nothing here holds a secret: keys are named by id, values are numbers,
 //! model names and reasons.
 
 use crate::keys::KeyId;
 use crate::limits::Now;
 use crate::pool::{
-    Deltas, KeyEvent, KeyPool, KeyStats, KeyStatus, Restored, StateRecord, StatsDelta,
+    DailyDelta, Deltas, KeyEvent, KeyPool, KeyStats, KeyStatus, Restored, StateRecord, StatsDelta,
+    UsageDelta,
 };
 use crate::{Error, Result};
 use redis::aio::ConnectionManager;
@@ -96,14 +109,134 @@ pub struct UsageRow {
     pub cost_usd: f64,
 }
 
+/// Counters taken from the pool and not yet written to Redis, merged: one
+/// entry per key (with one row per day, and per day and model for usage) and
+/// one per provider and day for spend. Merging keeps a Redis outage's memory
+/// bounded by the number of keys, however long it lasts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PendingCounters {
+    keys: BTreeMap<KeyId, PendingKey>,
+    /// `(provider, day)` → USD.
+    spend: BTreeMap<(Arc<str>, u64), f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct PendingKey {
+    stats: StatsDelta,
+    /// day → `(requests, tokens)`.
+    daily: BTreeMap<u64, (i64, i64)>,
+    /// `(UTC day, model)` → counters.
+    usage: BTreeMap<(u64, Arc<str>), UsageDelta>,
+}
+
+fn add_stats(to: &mut StatsDelta, s: StatsDelta) {
+    to.requests += s.requests;
+    to.successes += s.successes;
+    to.failures += s.failures;
+    for (kind, n) in s.failures_by_kind {
+        *to.failures_by_kind.entry(kind).or_default() += n;
+    }
+    to.rate_limited += s.rate_limited;
+    to.tokens_in += s.tokens_in;
+    to.tokens_out += s.tokens_out;
+    to.cost_usd += s.cost_usd;
+    to.last_used_ms = to.last_used_ms.max(s.last_used_ms);
+}
+
+impl PendingCounters {
+    /// Adds counters taken from the pool (increments add up, so a key seen
+    /// in several takes keeps one entry).
+    pub fn merge(&mut self, d: Deltas) {
+        for k in d.keys {
+            let p = self.keys.entry(k.id).or_default();
+            add_stats(&mut p.stats, k.stats);
+            for daily in k.daily {
+                let e = p.daily.entry(daily.day).or_default();
+                e.0 += daily.requests;
+                e.1 += daily.tokens;
+            }
+            for u in k.usage {
+                let e = p
+                    .usage
+                    .entry((u.day, u.model.clone()))
+                    .or_insert_with(|| UsageDelta {
+                        day: u.day,
+                        model: u.model.clone(),
+                        ..UsageDelta::default()
+                    });
+                e.requests += u.requests;
+                e.tokens_in += u.tokens_in;
+                e.tokens_out += u.tokens_out;
+                e.cost_usd += u.cost_usd;
+            }
+        }
+        for s in d.spend {
+            *self.spend.entry((s.provider, s.day)).or_default() += s.usd;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.spend.is_empty()
+    }
+
+    /// Keys with unwritten counters.
+    pub fn keys(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Rows held in all: per key its daily and usage rows, plus the spend
+    /// rows. Bounded by keys × days × models, never by flush attempts.
+    pub fn rows(&self) -> usize {
+        self.keys
+            .values()
+            .map(|k| 1 + k.daily.len() + k.usage.len())
+            .sum::<usize>()
+            + self.spend.len()
+    }
+
+    /// The merged counters as one [`Deltas`] (one entry per key, day, model).
+    pub fn to_deltas(&self) -> Deltas {
+        Deltas {
+            keys: self
+                .keys
+                .iter()
+                .map(|(id, k)| crate::pool::KeyDelta {
+                    id: id.clone(),
+                    stats: k.stats.clone(),
+                    daily: k
+                        .daily
+                        .iter()
+                        .map(|(&day, &(requests, tokens))| DailyDelta {
+                            day,
+                            requests,
+                            tokens,
+                        })
+                        .collect(),
+                    usage: k.usage.values().cloned().collect(),
+                })
+                .collect(),
+            spend: self
+                .spend
+                .iter()
+                .map(|((provider, day), &usd)| crate::pool::SpendDelta {
+                    provider: provider.clone(),
+                    day: *day,
+                    usd,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Persists a [`KeyPool`]'s key states and counters in Redis.
 pub struct KeyStore {
     conn: ConnectionManager,
     pool: KeyPool,
     flush_every: Duration,
-    /// Counters taken from the pool but not yet written (a failed flush is
-    /// retried with the next one). The lock also serialises flushes.
-    unflushed: tokio::sync::Mutex<Deltas>,
+    /// Counters taken from the pool but not yet written, merged per key and
+    /// day (a failed flush is retried with the next one). The lock also
+    /// serialises flushes.
+    unflushed: tokio::sync::Mutex<PendingCounters>,
     /// State writes that failed, latest per key, retried on every tick.
     failed_states: std::sync::Mutex<HashMap<KeyId, KeyEvent>>,
 }
@@ -278,7 +411,7 @@ impl KeyStore {
             conn,
             pool,
             flush_every: Duration::from_secs(1),
-            unflushed: tokio::sync::Mutex::new(Deltas::default()),
+            unflushed: tokio::sync::Mutex::new(PendingCounters::default()),
             failed_states: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -411,16 +544,37 @@ impl KeyStore {
     /// Writes the counters accumulated since the last flush, in one
     /// pipeline. Returns how many keys it covered.
     pub async fn flush(&self) -> Result<usize> {
+        let conn = self.conn.clone();
+        self.flush_via(move |pipe| async move {
+            let mut conn = conn;
+            pipe.query_async::<()>(&mut conn).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// [`KeyStore::flush`] with the write to Redis given: the new counters
+    /// are merged into the unwritten ones, and those are dropped only when
+    /// `write` succeeded.
+    async fn flush_via<F, Fut>(&self, write: F) -> Result<usize>
+    where
+        F: FnOnce(redis::Pipeline) -> Fut,
+        Fut: Future<Output = Result<()>>,
+    {
         let mut unflushed = self.unflushed.lock().await;
-        unflushed.append(self.pool.take_deltas());
-        let Some(pipe) = flush_pipeline(&unflushed) else {
+        unflushed.merge(self.pool.take_deltas());
+        let Some(pipe) = flush_pipeline(&unflushed.to_deltas()) else {
             return Ok(0);
         };
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
+        write(pipe).await?;
         let n = unflushed.keys.len();
-        *unflushed = Deltas::default();
+        *unflushed = PendingCounters::default();
         Ok(n)
+    }
+
+    /// The counters taken from the pool and not yet written.
+    pub async fn pending(&self) -> PendingCounters {
+        self.unflushed.lock().await.clone()
     }
 
     /// Writes state changes as they come and flushes counters every
@@ -438,16 +592,18 @@ impl KeyStore {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
+                // Before the events: a stream of state changes must not hold
+                // the counters back past their second.
+                _ = tick.tick() => {
+                    if let Err(e) = self.flush().await {
+                        tracing::warn!(error = %e, "key counters not flushed to redis; will retry");
+                    }
+                    self.retry_failed_states().await;
+                }
                 ev = events.recv() => match ev {
                     Some(ev) => self.write_or_keep(ev).await,
                     None => break,
                 },
-                _ = tick.tick() => {
-                    self.retry_failed_states().await;
-                    if let Err(e) = self.flush().await {
-                        tracing::warn!(error = %e, "key counters not flushed to redis; will retry");
-                    }
-                }
             }
         }
         while let Ok(ev) = events.try_recv() {
@@ -554,5 +710,191 @@ mod tests {
         assert_eq!(st.failures_by_kind["auth_failed"], 1);
         assert!(parse_state(&HashMap::new()).is_none());
         assert!(parse_stats(&HashMap::new()).is_none());
+    }
+
+    /// Five `groq` keys, no limits, on a manual clock at 2024-05-01T10:00Z.
+    fn five_keys() -> (KeyPool, crate::clock::ManualClock, Vec<KeyId>) {
+        use crate::keys::{ApiKey, KeyRing};
+        let ids: Vec<KeyId> = (0..5).map(|n| KeyId::new("groq", n)).collect();
+        let ring = KeyRing::from_keys(ids.iter().map(|id| {
+            ApiKey::new(
+                id.clone(),
+                Some(secrecy::SecretString::from(format!("gsk_FAKE_{id}"))),
+                "test".to_string(),
+            )
+        }));
+        let mut config = crate::config::Config::default();
+        config
+            .providers
+            .insert("groq".into(), crate::config::ProviderConfig::default());
+        let clock = crate::clock::ManualClock::new(1_714_557_600_000);
+        let pool = KeyPool::new(
+            &config,
+            &ring,
+            Arc::new(clock.clone()) as Arc<dyn crate::clock::Clock>,
+        );
+        (pool, clock, ids)
+    }
+
+    fn one_call(pool: &KeyPool, id: &KeyId, fate: crate::pool::Fate) {
+        let req = crate::pool::AcquireRequest {
+            provider: "groq",
+            model: "m",
+            tokens: 10,
+            strategy: None,
+            pinned: Some(id),
+            instance: None,
+        };
+        match pool.try_acquire(&req) {
+            crate::pool::Acquire::Granted(p) => p.report(fate),
+            other => panic!("expected a permit for {id}, got {other:?}"),
+        }
+    }
+
+    async fn hash(conn: &mut ConnectionManager, key: &str) -> HashMap<String, String> {
+        redis::cmd("HGETALL")
+            .arg(key)
+            .query_async(conn)
+            .await
+            .unwrap()
+    }
+
+    /// Issue 15: during a Redis outage the unwritten counters were appended
+    /// once per failed flush (memory grew with keys × seconds). Merged, 10,000
+    /// failed flushes over 5 keys and 2 days hold one entry per key with one
+    /// row per day, and the flush that lands writes each sum exactly once.
+    #[tokio::test]
+    async fn failed_flushes_merge_per_key_and_day_and_the_next_flush_writes_the_sums_once() {
+        use crate::clock::Clock;
+        let redis = llmq_testkit::RedisServer::start();
+        let (pool, clock, ids) = five_keys();
+        let store = KeyStore::connect(&redis.url(), pool.clone()).await.unwrap();
+        let day1 = day_of(clock.unix_ms());
+        let down = || async { Err(Error::Other("redis is down".into())) };
+        const CYCLES: usize = 10_000;
+        for cycle in 0..CYCLES {
+            if cycle == CYCLES / 2 {
+                clock.advance(Duration::from_secs(24 * 3600));
+            }
+            let id = &ids[cycle % ids.len()];
+            // Every tenth call of each key fails.
+            let fate = if (cycle / ids.len()) % 10 == 0 {
+                crate::pool::Fate::Transient
+            } else {
+                crate::pool::Fate::Success {
+                    usage_in: 3,
+                    usage_out: 2,
+                    cost_usd: 0.0,
+                }
+            };
+            one_call(&pool, id, fate);
+            assert!(store.flush_via(|_| down()).await.is_err());
+        }
+        let pending = store.pending().await;
+        assert_eq!(pending.keys(), 5, "one entry per key");
+        // Per key: its entry, 2 daily rows and 2 usage rows (2 days, 1 model).
+        assert_eq!(pending.rows(), 5 * (1 + 2 + 2), "{pending:?}");
+        let merged = pending.to_deltas();
+        for k in &merged.keys {
+            assert_eq!(k.stats.requests, (CYCLES / 5) as i64, "{}", k.id);
+            assert_eq!(k.stats.failures, (CYCLES / 5 / 10) as u64, "{}", k.id);
+            assert_eq!(k.daily.len(), 2, "{}", k.id);
+            assert!(k.daily.iter().all(|d| d.requests == (CYCLES / 10) as i64));
+        }
+        assert_eq!(store.flush().await.unwrap(), 5);
+        assert!(store.pending().await.is_empty());
+        assert_eq!(store.flush().await.unwrap(), 0, "nothing is written twice");
+
+        let mut conn = store.conn.clone();
+        let day2 = day_of(clock.unix_ms());
+        assert_eq!(day2, day1 + 1);
+        for id in &ids {
+            let h = hash(&mut conn, &state_key(id)).await;
+            assert_eq!(h["requests"], (CYCLES / 5).to_string(), "{id}: {h:?}");
+            assert_eq!(h["failures"], (CYCLES / 50).to_string(), "{id}: {h:?}");
+            let successes = CYCLES / 5 - CYCLES / 50;
+            assert_eq!(h["tokens_in"], (3 * successes).to_string(), "{id}");
+            for day in [day1, day2] {
+                let d = hash(&mut conn, &daily_key(day, id)).await;
+                assert_eq!(d["requests"], (CYCLES / 10).to_string(), "{id} {day}");
+            }
+        }
+        let mut total = 0;
+        for day in [day1, day2] {
+            for row in KeyStore::read_usage(&mut conn, &day_string(day))
+                .await
+                .unwrap()
+            {
+                assert_eq!(row.requests, (CYCLES / 10) as u64, "{row:?}");
+                total += row.requests;
+            }
+        }
+        assert_eq!(total, CYCLES as u64, "every call counted once");
+    }
+
+    /// The flush tick comes before state events: with a backlog of state
+    /// writes (a storm of cooldowns), counters still reach Redis within their
+    /// flush interval instead of waiting for the whole backlog.
+    #[tokio::test]
+    async fn a_backlog_of_state_events_does_not_hold_the_counters_back() {
+        let redis = llmq_testkit::RedisServer::start();
+        let (pool, _clock, ids) = five_keys();
+        let store = Arc::new(
+            KeyStore::connect(&redis.url(), pool.clone())
+                .await
+                .unwrap()
+                .with_flush_every(Duration::from_millis(20)),
+        );
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // Far more writes than the wait below leaves time for.
+        for n in 0..50_000u64 {
+            tx.send(KeyEvent {
+                id: ids[0].clone(),
+                record: StateRecord {
+                    status: KeyStatus::Available,
+                    until_ms: None,
+                    reason: None,
+                    since_ms: None,
+                    next_probe_ms: None,
+                },
+                at_ms: n,
+            })
+            .unwrap();
+        }
+        one_call(
+            &pool,
+            &ids[4],
+            crate::pool::Fate::Success {
+                usage_in: 1,
+                usage_out: 1,
+                cost_usd: 0.0,
+            },
+        );
+        let task = tokio::spawn({
+            let store = store.clone();
+            async move { store.run(rx, std::future::pending()).await }
+        });
+        let mut conn = store.conn.clone();
+        llmq_testkit::wait_until_async(
+            Duration::from_secs(2),
+            "the call's counter is flushed",
+            || {
+                let mut conn = conn.clone();
+                async move {
+                    let n: Option<i64> = redis::cmd("HGET")
+                        .arg(state_key(&KeyId::new("groq", 4)))
+                        .arg("requests")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap_or(None);
+                    n == Some(1)
+                }
+            },
+        )
+        .await;
+        task.abort();
+        drop(tx);
+        let h = hash(&mut conn, &state_key(&ids[0])).await;
+        assert_eq!(h.get("status").map(String::as_str), Some("available"));
     }
 }

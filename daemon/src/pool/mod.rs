@@ -364,7 +364,8 @@ pub struct KeyDelta {
     pub usage: Vec<UsageDelta>,
 }
 
-/// Everything to flush, taken at once.
+/// Everything to flush, taken at once (the keystore merges takes it could
+/// not write into `keystore::PendingCounters`, per key and day).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Deltas {
     pub keys: Vec<KeyDelta>,
@@ -374,12 +375,6 @@ pub struct Deltas {
 impl Deltas {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.spend.is_empty()
-    }
-
-    /// Queues `other` after these (increments add up, so order is free).
-    pub fn append(&mut self, mut other: Deltas) {
-        self.keys.append(&mut other.keys);
-        self.spend.append(&mut other.spend);
     }
 }
 
