@@ -28,6 +28,9 @@
 //! The keys of one script share a hash tag, so each script touches one
 //! Redis Cluster slot. All times are Redis server time (`TIME`), so the
 //! daemons' clocks never matter; answers carry durations, not instants.
+//! (Tests alone may pass "now" instead, [`GlobalGate::with_clock`]: so
+//! `tests/gate_vs_limiter.rs` checks that this window and the local
+//! limiter's admit the same calls.)
 //!
 //! **Admission** ([`GlobalGate::admit`]): refuses a disabled key (except one
 //! due re-probe at a time, cluster-wide), a cooling key, a full rolling window
@@ -55,7 +58,9 @@
 //! [`MAX_CALL`], and its probe never holds the key back.
 //!
 //! **Bursts.** One admission per key is in flight per daemon, and a fresh
-//! RPM "wait" answers the jobs queued behind it without a round trip.
+//! RPM "wait" answers the jobs queued behind it without a round trip (until
+//! one of this daemon's calls to the key is given back unsent: that frees a
+//! slot at once).
 //!
 //! **Token buckets** (`limit_shape = "token_bucket"`) are enforced with the
 //! rolling window too: at most N in any window is a subset of what a GCRA of
@@ -67,6 +72,7 @@
 //! applies to the local pool (milliseconds; it resynchronises from the
 //! state hashes after every reconnect).
 
+use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::keys::{KeyId, KeyRing};
 use crate::keystore::KEY_EVENTS_CHANNEL;
@@ -144,12 +150,16 @@ impl GateKeys {
 /// KEYS: window zset, state hash, window meta hash (`seq`, `tok`; the state
 /// hash itself for a key without an account).
 /// ARGV: window_us, rpm (0 = none), tpm (0 = none), tokens, max_call_us,
-/// probe_ttl_ms, reprobe_ms, probation_retry_ms, owner (this daemon).
+/// probe_ttl_ms, reprobe_ms, probation_retry_ms, owner (this daemon), and
+/// now_us only under a test clock ([`GlobalGate::with_clock`]).
 /// Returns `{'granted', member, as_probe, proven}`, `{'wait', us, limit}`,
 /// `{'cooling', ms}` or `{'disabled', reason, since_ago_ms, next_probe_in_ms | -1}`.
 const ADMIT: &str = r#"
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_us = tonumber(ARGV[10])
+if not now_us then
+  local t = redis.call('TIME')
+  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 local now_ms = math.floor(now_us / 1000)
 local window = tonumber(ARGV[1])
 local rpm = tonumber(ARGV[2])
@@ -239,12 +249,16 @@ return {'granted', member, probe_flag, proven}
 
 /// KEYS: window zset, state hash, window meta hash (see ADMIT).
 /// ARGV: member ('' when the call skipped admission), fate, cooldown_ms,
-/// reason, reprobe_ms, inconclusive_reprobe_ms. The fate `cancelled` (a
+/// reason, reprobe_ms, inconclusive_reprobe_ms, and now_us only under a test
+/// clock ([`GlobalGate::with_clock`]). The fate `cancelled` (a
 /// dropped call, see [`GlobalCall`]) is an unknown fate: the slot counts, the
 /// probe marker goes and a disabled key's re-probe is due at once.
 const COMPLETE: &str = r#"
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_us = tonumber(ARGV[7])
+if not now_us then
+  local t = redis.call('TIME')
+  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 local now_ms = math.floor(now_us / 1000)
 local member, fate = ARGV[1], ARGV[2]
 local probe = false
@@ -333,9 +347,13 @@ return n
 /// KEYS: window zset, state hash. Returns `{disabled, reason, since_ago_ms,
 /// next_probe_in_ms | -1, cooling_in_ms, proven, probing, window_calls, tok}`
 /// with the window pruned as of now (read-only: nothing is removed).
+/// ARGV: window_us, and now_us only under a test clock ([`GlobalGate::with_clock`]).
 const STATE: &str = r#"
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_us = tonumber(ARGV[2])
+if not now_us then
+  local t = redis.call('TIME')
+  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 local now_ms = math.floor(now_us / 1000)
 local window = tonumber(ARGV[1])
 local st = redis.call('HMGET', KEYS[2], 'disabled', 'reason', 'since_ms', 'next_probe_ms',
@@ -539,6 +557,8 @@ const CANCELLED: (&str, u64, &str, Duration) = ("cancelled", 0, "", Duration::ZE
 struct Ender {
     conn: ConnectionManager,
     script: Script,
+    /// The test clock ([`GlobalGate::with_clock`]); `None`: Redis `TIME`.
+    clock: Option<SharedClock>,
 }
 
 impl Ender {
@@ -558,6 +578,9 @@ impl Ender {
             .arg(reason)
             .arg(reprobe.as_millis() as u64)
             .arg(limits.reprobe.min(limits.cooldown).as_millis() as u64);
+        if let Some(c) = &self.clock {
+            inv.arg(c.now().as_micros() as u64);
+        }
         let mut conn = self.conn.clone();
         inv.invoke_async::<i64>(&mut conn).await.map(|_| ())
     }
@@ -625,6 +648,8 @@ pub struct GlobalGate {
     warned_ms: AtomicU64,
     /// Origin of the refusal cache's clock.
     epoch: std::time::Instant,
+    /// The test clock ([`GlobalGate::with_clock`]); `None`: Redis `TIME`.
+    clock: Option<SharedClock>,
 }
 
 impl std::fmt::Debug for GlobalGate {
@@ -787,15 +812,44 @@ impl GlobalGate {
             complete: Arc::new(Ender {
                 conn: conn.clone(),
                 script: Script::new(COMPLETE),
+                clock: None,
             }),
             operator: Script::new(OPERATOR),
             state: Script::new(STATE),
             table: RwLock::new(Arc::new(HashMap::new())),
             warned_ms: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
+            clock: None,
         };
         gate.configure(config, ring);
         gate
+    }
+
+    /// **Tests only.** Admission, completion and [`GlobalGate::state`] read
+    /// "now" from `clock` (its monotonic time, as µs) instead of Redis
+    /// `TIME`, and so does the refusal cache: a test drives the gate with
+    /// the same `ManualClock` as a local limiter (`tests/gate_vs_limiter.rs`).
+    /// The scripts take it as one more, optional argument; the daemon never
+    /// passes it, so production keeps the server's clock. Reap,
+    /// [`GlobalGate::states`] and the operator's reset/disable still read
+    /// `TIME`: don't mix them with a test clock.
+    #[doc(hidden)]
+    pub fn with_clock(mut self, clock: SharedClock) -> GlobalGate {
+        self.complete = Arc::new(Ender {
+            conn: self.conn.clone(),
+            script: Script::new(COMPLETE),
+            clock: Some(clock.clone()),
+        });
+        self.clock = Some(clock);
+        self
+    }
+
+    /// The refusal cache's clock, µs.
+    fn mono_us(&self) -> u64 {
+        match &self.clock {
+            Some(c) => c.now().as_micros() as u64,
+            None => self.epoch.elapsed().as_micros() as u64,
+        }
     }
 
     /// New keys and limits (start, SIGHUP); keys that stay keep `proven`.
@@ -890,7 +944,7 @@ impl GlobalGate {
         let _asking = match &entry {
             Some(e) => {
                 let guard = e.asking.lock().await;
-                let now = self.epoch.elapsed().as_micros() as u64;
+                let now = self.mono_us();
                 let until = e.blocked_until_us.load(Ordering::Relaxed);
                 if until > now {
                     return Ok(Admit::Wait {
@@ -912,6 +966,9 @@ impl GlobalGate {
             .arg(limits.reprobe.as_millis() as u64)
             .arg(PROBATION_RETRY.as_millis() as u64)
             .arg(&self.owner);
+        if let Some(c) = &self.clock {
+            inv.arg(c.now().as_micros() as u64);
+        }
         let mut conn = self.conn.clone();
         let v: Value = inv.invoke_async(&mut conn).await?;
         let mut answer = parse_admit(key, &keys, v)?;
@@ -929,9 +986,8 @@ impl GlobalGate {
                     wait,
                     limit: WaitFor::Rpm,
                 } => {
-                    let until = self.epoch.elapsed() + *wait;
-                    e.blocked_until_us
-                        .store(until.as_micros() as u64, Ordering::Relaxed);
+                    let until = self.mono_us() + wait.as_micros() as u64;
+                    e.blocked_until_us.store(until, Ordering::Relaxed);
                 }
                 _ => {}
             }
@@ -979,6 +1035,12 @@ impl GlobalGate {
         // Recorded (or Redis failed, and the slot expires on its own): the
         // drop has nothing left to do.
         call.ender = None;
+        // A call given back unsent frees its slot at once, so a cached RPM
+        // "wait" is no longer a lower bound: ask Redis again next time
+        // (found by tests/gate_vs_limiter.rs).
+        if let (Fate::NotSent, Some(e), true) = (fate, &entry, done.is_ok()) {
+            e.blocked_until_us.store(0, Ordering::Relaxed);
+        }
         if let Err(e) = done {
             self.warn(&call.key, "completion not recorded", &e);
         }
@@ -1138,6 +1200,9 @@ impl GlobalGate {
     pub async fn state(&self, key: &KeyId) -> Result<GateState, GateError> {
         let mut inv = Self::invocation(&self.state, &self.keys(key));
         inv.arg(self.limits(key).window.as_micros() as u64);
+        if let Some(c) = &self.clock {
+            inv.arg(c.now().as_micros() as u64);
+        }
         let mut conn = self.conn.clone();
         let v: Value = inv.invoke_async(&mut conn).await?;
         parse_state(&v)
