@@ -11,10 +11,10 @@
 //! that they admit exactly the same calls and count the same window.
 //!
 //! The comparison is restricted to what both enforce: rolling-window RPM and
-//! TPM of a proven key (learned limits, RPD/TPD, concurrency and probation
-//! are the local pool's or other state), limits ≥ 1 (the gate reads 0 as
-//! "none", the limiter as "never"; the pool never asks the gate for such a
-//! key), and calls shorter than [`MAX_CALL`] (the gate's bound for a slot
+//! TPM of a proven key, of its own or of an account (learned limits,
+//! RPD/TPD, concurrency and probation are the local pool's or other state),
+//! limits ≥ 1 (the gate reads 0 as "none", the limiter as "never", and the
+//! limiter refuses such a key before the gate is asked), and calls shorter than [`MAX_CALL`] (the gate's bound for a slot
 //! that is never completed).
 //!
 //! A seeded loop over `rand` rather than the `proptest` crate: no new
@@ -24,9 +24,9 @@
 
 use llmq::clock::{Clock, ManualClock};
 use llmq::config::{Config, Limits, ProviderConfig};
-use llmq::global::{state_key, Admit, GlobalCall, GlobalGate, MAX_CALL};
+use llmq::global::{Admit, GateKeys, GlobalCall, GlobalGate, MAX_CALL};
 use llmq::keys::{ApiKey, KeyId, KeyRing};
-use llmq::limits::{Admission, LimiterConfig, LocalLimiter, Now, Refusal, Ticket};
+use llmq::limits::{Admission, LimiterConfig, LocalLimiter, Now, Refusal, SharedQuota, Ticket};
 use llmq::pool::Fate;
 use llmq_testkit::RedisServer;
 use rand::rngs::StdRng;
@@ -57,6 +57,9 @@ struct Case {
     rpm: Option<u64>,
     tpm: Option<u64>,
     window_ms: u64,
+    /// The key belongs to an account: the gate counts in the account's
+    /// window (its own hash tag and meta hash), the limiter in a shared quota.
+    account: bool,
     ops: Vec<Op>,
 }
 
@@ -101,6 +104,7 @@ fn generate(seed: u64) -> Case {
         rpm,
         tpm,
         window_ms,
+        account: rng.random_bool(0.3),
         ops,
     }
 }
@@ -122,11 +126,13 @@ fn setup(case: &Case) -> (Config, KeyRing, LimiterConfig) {
             ..ProviderConfig::default()
         },
     );
-    let ring = KeyRing::from_keys([ApiKey::new(
+    let mut key = ApiKey::new(
         KeyId::new("g", 1),
         Some(SecretString::from("sk-gate-vs-limiter-0001-xxxxxxxx")),
         "test",
-    )]);
+    );
+    key.account = case.account.then(|| "team".to_string());
+    let ring = KeyRing::from_keys([key]);
     let local = LimiterConfig {
         limits,
         window,
@@ -159,14 +165,20 @@ async fn run(conn: &ConnectionManager, case: &Case) -> Result<(u64, u64), String
     let gate =
         GlobalGate::new(conn.clone(), "prop", &config, &ring).with_clock(Arc::new(clock.clone()));
     // A proven key: probation is not the window's business.
+    let keys = GateKeys::of(&id, case.account.then_some("team"));
     redis::cmd("HSET")
-        .arg(state_key(&id))
+        .arg(&keys.state)
         .arg("proven")
         .arg("1")
         .query_async::<()>(&mut c)
         .await
         .map_err(|e| e.to_string())?;
-    let mut limiter = LocalLimiter::new(local_cfg, Now::of(&clock));
+    let mut limiter = if case.account {
+        let quota = SharedQuota::new(local_cfg.clone(), Now::of(&clock));
+        LocalLimiter::sharing(local_cfg, &quota)
+    } else {
+        LocalLimiter::new(local_cfg, Now::of(&clock))
+    };
     let mut flying: Vec<(Ticket, GlobalCall)> = Vec::new();
     let (mut granted, mut refused) = (0, 0);
 
@@ -301,9 +313,10 @@ async fn the_lua_gate_and_the_rust_limiter_admit_the_same_calls() {
         Ok(s) => vec![s.parse().expect("GATE_VS_LIMITER_SEED is a number")],
         Err(_) => (0..CASES).collect(),
     };
-    let (mut granted, mut refused) = (0, 0);
+    let (mut granted, mut refused, mut accounts) = (0, 0, 0);
     for &seed in &seeds {
         let case = generate(seed);
+        accounts += u64::from(case.account);
         match run(&conn, &case).await {
             Ok((g, r)) => {
                 granted += g;
@@ -312,21 +325,21 @@ async fn the_lua_gate_and_the_rust_limiter_admit_the_same_calls() {
             Err(first) => {
                 let (min, why) = shrink(&conn, case).await;
                 panic!(
-                    "seed {}: {first}\nshrunk to rpm={:?} tpm={:?} window={} ms, ops {:?}:\n{why}",
-                    min.seed, min.rpm, min.tpm, min.window_ms, min.ops
+                    "seed {}: {first}\nshrunk to rpm={:?} tpm={:?} window={} ms account={}, ops {:?}:\n{why}",
+                    min.seed, min.rpm, min.tpm, min.window_ms, min.account, min.ops
                 );
             }
         }
     }
-    // The cases exercised both answers, plenty of each.
+    // The cases exercised both answers, plenty of each, and both kinds of key.
     if seeds.len() > 1 {
         assert!(
-            granted > 1_000 && refused > 500,
-            "only {granted} grants and {refused} refusals"
+            granted > 1_000 && refused > 500 && accounts > 20,
+            "only {granted} grants, {refused} refusals, {accounts} accounts"
         );
     }
     eprintln!(
-        "{} cases: {granted} grants, {refused} refusals, all agreed",
+        "{} cases ({accounts} of an account): {granted} grants, {refused} refusals, all agreed",
         seeds.len()
     );
 }
@@ -343,6 +356,7 @@ async fn a_call_given_back_unsent_frees_its_slot_in_the_gate_at_once() {
         rpm: Some(2),
         tpm: None,
         window_ms: 1_000,
+        account: false,
         // Two calls fill the window, the third is refused (and cached), the
         // first is given back unsent, the fourth fits again.
         ops: vec![
@@ -367,6 +381,7 @@ async fn without_a_test_clock_the_gate_keeps_redis_time() {
         rpm: Some(1),
         tpm: Some(100),
         window_ms: 60_000,
+        account: false,
         ops: vec![],
     };
     let (config, ring, _) = setup(&case);
