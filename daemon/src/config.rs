@@ -13,6 +13,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Upper bound of one upstream call (the HTTP timeout plus margin). The
+/// cluster gate (`global`) counts a call in flight for at most this long, so
+/// `[upstream] timeout` must stay below it.
+pub const MAX_CALL: Duration = Duration::from_secs(125);
+
 /// The whole daemon configuration.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -543,6 +548,27 @@ pub fn load(path: Option<&Path>) -> Result<Config, Error> {
 /// `name` is how errors name the source (a file name).
 pub fn load_from_str(toml: &str, name: &str) -> Result<Config, Error> {
     load_layers(Some((toml, name)), &BTreeMap::new())
+}
+
+/// The built-in catalog's file: nothing but providers.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogFile {
+    providers: BTreeMap<String, ProviderConfig>,
+}
+
+/// The built-in catalog's providers, typed (without the user's file).
+pub fn catalog_providers() -> Result<BTreeMap<String, ProviderConfig>, Error> {
+    let de = toml::Deserializer::new(catalog::CATALOG_TOML);
+    serde_path_to_error::deserialize::<_, CatalogFile>(de)
+        .map(|c| c.providers)
+        .map_err(|e| {
+            Error::config(
+                catalog::CATALOG_NAME,
+                e.path().to_string(),
+                e.inner().message().to_string(),
+            )
+        })
 }
 
 /// The layering behind [`load`], with the file as `(text, name)` and the
@@ -1142,11 +1168,11 @@ fn validate(cfg: &Config) -> Result<(), Problem> {
 fn validate_upstream(u: &UpstreamConfig) -> Result<(), Problem> {
     let up = |f: &str| vec![key("upstream"), key(f)];
     if let Some(path) = &u.ca_file {
-        crate::upstream::read_ca_file(Path::new(path))
+        crate::endpoint::read_ca_file(Path::new(path))
             .map_err(|e| problem(up("ca_file"), e.to_string()))?;
     }
     if let Some(proxy) = &u.proxy {
-        crate::upstream::check_proxy_url(proxy).map_err(|e| problem(up("proxy"), e))?;
+        crate::endpoint::check_proxy_url(proxy).map_err(|e| problem(up("proxy"), e))?;
     }
     if u.connect_timeout.is_zero() {
         return Err(problem(
@@ -1155,14 +1181,14 @@ fn validate_upstream(u: &UpstreamConfig) -> Result<(), Problem> {
         ));
     }
     // The cluster gate counts a call in flight for at most MAX_CALL.
-    let longest = crate::global::MAX_CALL.saturating_sub(Duration::from_secs(5));
+    let longest = MAX_CALL.saturating_sub(Duration::from_secs(5));
     if u.timeout.is_zero() || u.timeout > longest {
         return Err(problem(
             up("timeout"),
             format!(
                 "a duration > 0 and at most {} (a call's slot in the cluster gate lasts {}), e.g. \"120s\"",
                 humantime::format_duration(longest),
-                humantime::format_duration(crate::global::MAX_CALL)
+                humantime::format_duration(MAX_CALL)
             ),
         ));
     }
@@ -1209,7 +1235,7 @@ fn validate_provider(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
             "a non-empty http(s) base URL, e.g. \"https://api.example.com/v1\"",
         ));
     }
-    crate::upstream::check_base_url(&p.base_url).map_err(|e| problem(at(&[key("base_url")]), e))?;
+    crate::endpoint::check_base_url(&p.base_url).map_err(|e| problem(at(&[key("base_url")]), e))?;
     if let Some(e) = &p.keys_env {
         if !valid_env_prefix(e) {
             return Err(problem(
@@ -1347,4 +1373,45 @@ fn validate_provider(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_parses_and_has_the_seed_providers() {
+        let p = catalog_providers().unwrap();
+        for name in [
+            "openai",
+            "anthropic",
+            "gemini",
+            "groq",
+            "mistral",
+            "nvidia",
+            "zai",
+            "bigmodel",
+            "openrouter",
+            "ollama",
+        ] {
+            let prov = p.get(name).unwrap_or_else(|| panic!("{name} missing"));
+            assert!(!prov.base_url.is_empty(), "{name}");
+            assert!(!prov.models.is_empty(), "{name}");
+        }
+        assert_eq!(p["groq"].tier, Tier::Free);
+        assert_eq!(p["mistral"].tier, Tier::Trial);
+        assert_eq!(p["anthropic"].env_aliases, vec!["CLAUDE".to_string()]);
+        assert_eq!(p["gemini"].env_aliases, vec!["GOOGLE".to_string()]);
+        assert!(p["ollama"].keyless);
+        // Z.AI's international API and BigModel (China) are separate
+        // platforms with separate keys.
+        assert_eq!(p["zai"].base_url, "https://api.z.ai/api/paas/v4");
+        assert_eq!(
+            p["bigmodel"].base_url,
+            "https://open.bigmodel.cn/api/paas/v4"
+        );
+        assert_eq!(p["bigmodel"].keys_env.as_deref(), Some("BIGMODEL"));
+        assert_eq!(p["bigmodel"].env_aliases, vec!["ZHIPUAI".to_string()]);
+        assert!(catalog::table().unwrap().contains_key("providers"));
+    }
 }

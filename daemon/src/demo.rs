@@ -261,7 +261,10 @@ fn demo_config(redis_url: &str, mock: &MockServer, plugins: &Path, window_s: u64
         s.push_str(&format!("[upstream]\nca_file = {ca}\n\n"));
     }
     // Only the demo's own providers route: every catalog provider is off.
-    for name in crate::catalog::providers().unwrap_or_default().keys() {
+    for name in crate::config::catalog_providers()
+        .unwrap_or_default()
+        .keys()
+    {
         s.push_str(&format!("[providers.{name}]\nenabled = false\n\n"));
     }
     s.push_str(&format!(
