@@ -1027,7 +1027,27 @@ fn problem(path: Vec<Seg>, expected: impl Into<String>) -> Problem {
 
 /// Semantic checks of the merged config; the first problem found.
 fn validate(cfg: &Config) -> Result<(), Problem> {
-    let url = &cfg.redis.url;
+    validate_redis(&cfg.redis)?;
+    validate_queue(&cfg.queue)?;
+    validate_routing_plugins(cfg)?;
+    validate_admin(&cfg.admin)?;
+    if let Some(f) = &cfg.keys.env_file {
+        if f.trim().is_empty() {
+            return Err(problem(
+                vec![key("keys"), key("env_file")],
+                "a file path (or omit it)",
+            ));
+        }
+    }
+    validate_upstream(&cfg.upstream)?;
+    for (name, p) in &cfg.providers {
+        validate_provider(name, p)?;
+    }
+    Ok(())
+}
+
+fn validate_redis(r: &RedisConfig) -> Result<(), Problem> {
+    let url = &r.url;
     if !["redis://", "rediss://", "redis+unix://", "unix://"]
         .iter()
         .any(|p| url.starts_with(p))
@@ -1038,7 +1058,10 @@ fn validate(cfg: &Config) -> Result<(), Problem> {
         ));
     }
 
-    let q = &cfg.queue;
+    Ok(())
+}
+
+fn validate_queue(q: &QueueConfig) -> Result<(), Problem> {
     let qp = |f: &str| vec![key("queue"), key(f)];
     if q.lanes.is_empty() {
         return Err(problem(
@@ -1104,6 +1127,10 @@ fn validate(cfg: &Config) -> Result<(), Problem> {
             "a duration ≥ retry.initial_delay",
         ));
     }
+    Ok(())
+}
+
+fn validate_routing_plugins(cfg: &Config) -> Result<(), Problem> {
     if cfg.routing.default_deadline.is_zero() {
         return Err(problem(
             vec![key("routing"), key("default_deadline")],
@@ -1122,7 +1149,11 @@ fn validate(cfg: &Config) -> Result<(), Problem> {
             "a duration > 0",
         ));
     }
-    let listen = cfg.admin.listen.trim();
+    Ok(())
+}
+
+fn validate_admin(a: &AdminConfig) -> Result<(), Problem> {
+    let listen = a.listen.trim();
     if !listen.is_empty() {
         let port_ok = listen
             .rsplit_once(':')
@@ -1133,34 +1164,22 @@ fn validate(cfg: &Config) -> Result<(), Problem> {
                 format!("host:port (e.g. \"127.0.0.1:9090\"), or \"\" to disable; got {listen:?}"),
             ));
         }
-        if cfg.admin.token_env.trim().is_empty() {
+        if a.token_env.trim().is_empty() {
             return Err(problem(
                 vec![key("admin"), key("token_env")],
                 "the name of the env var holding the admin bearer token",
             ));
         }
         let admin = |f: &str| vec![key("admin"), key(f)];
-        if cfg.admin.header_timeout.is_zero() {
+        if a.header_timeout.is_zero() {
             return Err(problem(admin("header_timeout"), "a duration > 0"));
         }
-        if cfg.admin.idle_timeout.is_zero() {
+        if a.idle_timeout.is_zero() {
             return Err(problem(admin("idle_timeout"), "a duration > 0"));
         }
-        if cfg.admin.max_connections == 0 {
+        if a.max_connections == 0 {
             return Err(problem(admin("max_connections"), "at least 1"));
         }
-    }
-    if let Some(f) = &cfg.keys.env_file {
-        if f.trim().is_empty() {
-            return Err(problem(
-                vec![key("keys"), key("env_file")],
-                "a file path (or omit it)",
-            ));
-        }
-    }
-    validate_upstream(&cfg.upstream)?;
-    for (name, p) in &cfg.providers {
-        validate_provider(name, p)?;
     }
     Ok(())
 }
@@ -1207,12 +1226,15 @@ fn valid_env_prefix(s: &str) -> bool {
         && !s.starts_with(|c: char| c.is_ascii_digit())
 }
 
+/// The path of a field under `[providers.<name>]`.
+fn provider_path(name: &str, rest: &[Seg]) -> Vec<Seg> {
+    let mut v = vec![key("providers"), key(name)];
+    v.extend_from_slice(rest);
+    v
+}
+
 fn validate_provider(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
-    let at = |rest: &[Seg]| {
-        let mut v = vec![key("providers"), key(name)];
-        v.extend_from_slice(rest);
-        v
-    };
+    let at = |rest: &[Seg]| provider_path(name, rest);
     if name.is_empty()
         || !name
             .chars()
@@ -1278,6 +1300,13 @@ fn validate_provider(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
             format!("at least one [[providers.{name}.models]] entry (a provider without models can serve no job)"),
         ));
     }
+    validate_models(name, p)?;
+    validate_keys(name, p)
+}
+
+/// `[[providers.<name>.models]]`: ids, prices, context and unique names.
+fn validate_models(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
+    let at = |rest: &[Seg]| provider_path(name, rest);
     let mut names: BTreeMap<&str, &str> = BTreeMap::new();
     for (i, m) in p.models.iter().enumerate() {
         let mp = |rest: &[Seg]| {
@@ -1327,6 +1356,12 @@ fn validate_provider(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
             }
         }
     }
+    Ok(())
+}
+
+/// `[[providers.<name>.keys]]`: a secret or an env var, and sane limits.
+fn validate_keys(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
+    let at = |rest: &[Seg]| provider_path(name, rest);
     for (i, k) in p.keys.iter().enumerate() {
         let kp = |rest: &[Seg]| {
             let mut v = at(&[key("keys"), Seg::Index(i)]);
