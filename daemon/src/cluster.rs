@@ -12,14 +12,13 @@
 //! others (`XAUTOCLAIM` after `queue.visibility_timeout`, see `queue`).
 //!
 //! [`Node`] is what `llmq serve` runs: this heartbeat plus the gate's key
-//! events listener (see `global`). `GET /v1/cluster` and `llmq cluster` read
+//! events listener (see `global`). `GET /v1/cluster` and `llmq cluster` (in `commands`) read
 //! [`list`]. All keys share the `{cluster}` hash tag (one Cluster slot).
 
-use crate::cli::{exit, GlobalArgs};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::global::GlobalGate;
 use crate::pool::KeyPool;
-use crate::serve::Daemon;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -50,7 +49,8 @@ pub struct Member {
     pub last_seen_ms: u64,
 }
 
-fn wall_ms() -> u64 {
+/// Now, as Unix ms (the member timestamps).
+pub(crate) fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -263,16 +263,17 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn start(daemon: &Daemon) -> Node {
+    /// Starts the heartbeat for `consumer` on `conn` and, with the gate on
+    /// (`gate` is `Some`), its key events listener on `cfg.redis.url`.
+    pub fn start(
+        conn: ConnectionManager,
+        consumer: &str,
+        cfg: &Config,
+        gate: Option<Arc<GlobalGate>>,
+        pool: KeyPool,
+    ) -> Node {
         let (stop, rx) = watch::channel(false);
-        let cfg = &daemon.settings.config;
-        let membership = Arc::new(Membership::new(
-            daemon.queue.connection(),
-            daemon.queue.consumer(),
-            cfg.cluster.heartbeat,
-        ));
-        let gate = daemon.executor.runtime().global.clone();
-        let pool = (*daemon.pool).clone();
+        let membership = Arc::new(Membership::new(conn, consumer, cfg.cluster.heartbeat));
         let reaper = gate.clone().map(|g| (g, pool.clone()));
         let mut tasks = vec![membership.spawn(reaper, rx.clone())];
         if let Some(gate) = gate {
@@ -290,48 +291,6 @@ impl Node {
     }
 }
 
-/// `llmq cluster`: the daemons sharing the configured Redis.
-pub async fn command(g: &GlobalArgs) -> Result<i32> {
-    let config = crate::commands::options(g).load_config_only()?;
-    let mut conn = crate::commands::connect(&config.redis.url).await?;
-    let members = list(&mut conn).await?;
-    if g.json {
-        println!("{}", crate::commands::to_json(&members));
-        return Ok(exit::OK);
-    }
-    if members.is_empty() {
-        println!("no llmq daemon is running on {}", config.redis.url);
-        return Ok(exit::OK);
-    }
-    let now = wall_ms();
-    println!(
-        "{:<44} {:<20} {:>8} {:<10} {:>10} {:>10}",
-        "CONSUMER", "HOST", "PID", "VERSION", "UP", "SEEN"
-    );
-    for m in &members {
-        println!(
-            "{:<44} {:<20} {:>8} {:<10} {:>10} {:>10}",
-            m.consumer,
-            m.host,
-            m.pid,
-            m.version,
-            human(now.saturating_sub(m.started_ms)),
-            format!("{} ago", human(now.saturating_sub(m.last_seen_ms))),
-        );
-    }
-    println!("{} daemon(s)", members.len());
-    Ok(exit::OK)
-}
-
-fn human(ms: u64) -> String {
-    match ms {
-        0..=999 => format!("{ms}ms"),
-        1_000..=59_999 => format!("{}s", ms / 1_000),
-        60_000..=3_599_999 => format!("{}m", ms / 60_000),
-        _ => format!("{}h{}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,13 +299,5 @@ mod tests {
     fn member_keys_share_one_slot() {
         assert_eq!(alive_key("h-1-x"), "llmq:{cluster}:alive:h-1-x");
         assert!(DAEMONS_KEY.contains("{cluster}"));
-    }
-
-    #[test]
-    fn ages_read_like_uptime() {
-        assert_eq!(human(250), "250ms");
-        assert_eq!(human(12_000), "12s");
-        assert_eq!(human(180_000), "3m");
-        assert_eq!(human(3_900_000), "1h5m");
     }
 }

@@ -13,6 +13,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Upper bound of one upstream call (the HTTP timeout plus margin). The
+/// cluster gate (`global`) counts a call in flight for at most this long, so
+/// `[upstream] timeout` must stay below it.
+pub const MAX_CALL: Duration = Duration::from_secs(125);
+
 /// The whole daemon configuration.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -545,6 +550,27 @@ pub fn load_from_str(toml: &str, name: &str) -> Result<Config, Error> {
     load_layers(Some((toml, name)), &BTreeMap::new())
 }
 
+/// The built-in catalog's file: nothing but providers.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogFile {
+    providers: BTreeMap<String, ProviderConfig>,
+}
+
+/// The built-in catalog's providers, typed (without the user's file).
+pub fn catalog_providers() -> Result<BTreeMap<String, ProviderConfig>, Error> {
+    let de = toml::Deserializer::new(catalog::CATALOG_TOML);
+    serde_path_to_error::deserialize::<_, CatalogFile>(de)
+        .map(|c| c.providers)
+        .map_err(|e| {
+            Error::config(
+                catalog::CATALOG_NAME,
+                e.path().to_string(),
+                e.inner().message().to_string(),
+            )
+        })
+}
+
 /// The layering behind [`load`], with the file as `(text, name)` and the
 /// environment given explicitly (only `LLMQ__…` variables are read from it).
 pub fn load_layers(
@@ -1001,7 +1027,27 @@ fn problem(path: Vec<Seg>, expected: impl Into<String>) -> Problem {
 
 /// Semantic checks of the merged config; the first problem found.
 fn validate(cfg: &Config) -> Result<(), Problem> {
-    let url = &cfg.redis.url;
+    validate_redis(&cfg.redis)?;
+    validate_queue(&cfg.queue)?;
+    validate_routing_plugins(cfg)?;
+    validate_admin(&cfg.admin)?;
+    if let Some(f) = &cfg.keys.env_file {
+        if f.trim().is_empty() {
+            return Err(problem(
+                vec![key("keys"), key("env_file")],
+                "a file path (or omit it)",
+            ));
+        }
+    }
+    validate_upstream(&cfg.upstream)?;
+    for (name, p) in &cfg.providers {
+        validate_provider(name, p)?;
+    }
+    Ok(())
+}
+
+fn validate_redis(r: &RedisConfig) -> Result<(), Problem> {
+    let url = &r.url;
     if !["redis://", "rediss://", "redis+unix://", "unix://"]
         .iter()
         .any(|p| url.starts_with(p))
@@ -1012,7 +1058,10 @@ fn validate(cfg: &Config) -> Result<(), Problem> {
         ));
     }
 
-    let q = &cfg.queue;
+    Ok(())
+}
+
+fn validate_queue(q: &QueueConfig) -> Result<(), Problem> {
     let qp = |f: &str| vec![key("queue"), key(f)];
     if q.lanes.is_empty() {
         return Err(problem(
@@ -1078,6 +1127,10 @@ fn validate(cfg: &Config) -> Result<(), Problem> {
             "a duration ≥ retry.initial_delay",
         ));
     }
+    Ok(())
+}
+
+fn validate_routing_plugins(cfg: &Config) -> Result<(), Problem> {
     if cfg.routing.default_deadline.is_zero() {
         return Err(problem(
             vec![key("routing"), key("default_deadline")],
@@ -1096,7 +1149,11 @@ fn validate(cfg: &Config) -> Result<(), Problem> {
             "a duration > 0",
         ));
     }
-    let listen = cfg.admin.listen.trim();
+    Ok(())
+}
+
+fn validate_admin(a: &AdminConfig) -> Result<(), Problem> {
+    let listen = a.listen.trim();
     if !listen.is_empty() {
         let port_ok = listen
             .rsplit_once(':')
@@ -1107,34 +1164,22 @@ fn validate(cfg: &Config) -> Result<(), Problem> {
                 format!("host:port (e.g. \"127.0.0.1:9090\"), or \"\" to disable; got {listen:?}"),
             ));
         }
-        if cfg.admin.token_env.trim().is_empty() {
+        if a.token_env.trim().is_empty() {
             return Err(problem(
                 vec![key("admin"), key("token_env")],
                 "the name of the env var holding the admin bearer token",
             ));
         }
         let admin = |f: &str| vec![key("admin"), key(f)];
-        if cfg.admin.header_timeout.is_zero() {
+        if a.header_timeout.is_zero() {
             return Err(problem(admin("header_timeout"), "a duration > 0"));
         }
-        if cfg.admin.idle_timeout.is_zero() {
+        if a.idle_timeout.is_zero() {
             return Err(problem(admin("idle_timeout"), "a duration > 0"));
         }
-        if cfg.admin.max_connections == 0 {
+        if a.max_connections == 0 {
             return Err(problem(admin("max_connections"), "at least 1"));
         }
-    }
-    if let Some(f) = &cfg.keys.env_file {
-        if f.trim().is_empty() {
-            return Err(problem(
-                vec![key("keys"), key("env_file")],
-                "a file path (or omit it)",
-            ));
-        }
-    }
-    validate_upstream(&cfg.upstream)?;
-    for (name, p) in &cfg.providers {
-        validate_provider(name, p)?;
     }
     Ok(())
 }
@@ -1142,11 +1187,11 @@ fn validate(cfg: &Config) -> Result<(), Problem> {
 fn validate_upstream(u: &UpstreamConfig) -> Result<(), Problem> {
     let up = |f: &str| vec![key("upstream"), key(f)];
     if let Some(path) = &u.ca_file {
-        crate::upstream::read_ca_file(Path::new(path))
+        crate::endpoint::read_ca_file(Path::new(path))
             .map_err(|e| problem(up("ca_file"), e.to_string()))?;
     }
     if let Some(proxy) = &u.proxy {
-        crate::upstream::check_proxy_url(proxy).map_err(|e| problem(up("proxy"), e))?;
+        crate::endpoint::check_proxy_url(proxy).map_err(|e| problem(up("proxy"), e))?;
     }
     if u.connect_timeout.is_zero() {
         return Err(problem(
@@ -1155,14 +1200,14 @@ fn validate_upstream(u: &UpstreamConfig) -> Result<(), Problem> {
         ));
     }
     // The cluster gate counts a call in flight for at most MAX_CALL.
-    let longest = crate::global::MAX_CALL.saturating_sub(Duration::from_secs(5));
+    let longest = MAX_CALL.saturating_sub(Duration::from_secs(5));
     if u.timeout.is_zero() || u.timeout > longest {
         return Err(problem(
             up("timeout"),
             format!(
                 "a duration > 0 and at most {} (a call's slot in the cluster gate lasts {}), e.g. \"120s\"",
                 humantime::format_duration(longest),
-                humantime::format_duration(crate::global::MAX_CALL)
+                humantime::format_duration(MAX_CALL)
             ),
         ));
     }
@@ -1181,12 +1226,15 @@ fn valid_env_prefix(s: &str) -> bool {
         && !s.starts_with(|c: char| c.is_ascii_digit())
 }
 
+/// The path of a field under `[providers.<name>]`.
+fn provider_path(name: &str, rest: &[Seg]) -> Vec<Seg> {
+    let mut v = vec![key("providers"), key(name)];
+    v.extend_from_slice(rest);
+    v
+}
+
 fn validate_provider(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
-    let at = |rest: &[Seg]| {
-        let mut v = vec![key("providers"), key(name)];
-        v.extend_from_slice(rest);
-        v
-    };
+    let at = |rest: &[Seg]| provider_path(name, rest);
     if name.is_empty()
         || !name
             .chars()
@@ -1209,7 +1257,7 @@ fn validate_provider(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
             "a non-empty http(s) base URL, e.g. \"https://api.example.com/v1\"",
         ));
     }
-    crate::upstream::check_base_url(&p.base_url).map_err(|e| problem(at(&[key("base_url")]), e))?;
+    crate::endpoint::check_base_url(&p.base_url).map_err(|e| problem(at(&[key("base_url")]), e))?;
     if let Some(e) = &p.keys_env {
         if !valid_env_prefix(e) {
             return Err(problem(
@@ -1252,6 +1300,13 @@ fn validate_provider(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
             format!("at least one [[providers.{name}.models]] entry (a provider without models can serve no job)"),
         ));
     }
+    validate_models(name, p)?;
+    validate_keys(name, p)
+}
+
+/// `[[providers.<name>.models]]`: ids, prices, context and unique names.
+fn validate_models(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
+    let at = |rest: &[Seg]| provider_path(name, rest);
     let mut names: BTreeMap<&str, &str> = BTreeMap::new();
     for (i, m) in p.models.iter().enumerate() {
         let mp = |rest: &[Seg]| {
@@ -1301,6 +1356,12 @@ fn validate_provider(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
             }
         }
     }
+    Ok(())
+}
+
+/// `[[providers.<name>.keys]]`: a secret or an env var, and sane limits.
+fn validate_keys(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
+    let at = |rest: &[Seg]| provider_path(name, rest);
     for (i, k) in p.keys.iter().enumerate() {
         let kp = |rest: &[Seg]| {
             let mut v = at(&[key("keys"), Seg::Index(i)]);
@@ -1347,4 +1408,45 @@ fn validate_provider(name: &str, p: &ProviderConfig) -> Result<(), Problem> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_parses_and_has_the_seed_providers() {
+        let p = catalog_providers().unwrap();
+        for name in [
+            "openai",
+            "anthropic",
+            "gemini",
+            "groq",
+            "mistral",
+            "nvidia",
+            "zai",
+            "bigmodel",
+            "openrouter",
+            "ollama",
+        ] {
+            let prov = p.get(name).unwrap_or_else(|| panic!("{name} missing"));
+            assert!(!prov.base_url.is_empty(), "{name}");
+            assert!(!prov.models.is_empty(), "{name}");
+        }
+        assert_eq!(p["groq"].tier, Tier::Free);
+        assert_eq!(p["mistral"].tier, Tier::Trial);
+        assert_eq!(p["anthropic"].env_aliases, vec!["CLAUDE".to_string()]);
+        assert_eq!(p["gemini"].env_aliases, vec!["GOOGLE".to_string()]);
+        assert!(p["ollama"].keyless);
+        // Z.AI's international API and BigModel (China) are separate
+        // platforms with separate keys.
+        assert_eq!(p["zai"].base_url, "https://api.z.ai/api/paas/v4");
+        assert_eq!(
+            p["bigmodel"].base_url,
+            "https://open.bigmodel.cn/api/paas/v4"
+        );
+        assert_eq!(p["bigmodel"].keys_env.as_deref(), Some("BIGMODEL"));
+        assert_eq!(p["bigmodel"].env_aliases, vec!["ZHIPUAI".to_string()]);
+        assert!(catalog::table().unwrap().contains_key("providers"));
+    }
 }

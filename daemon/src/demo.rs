@@ -33,59 +33,10 @@ pub async fn run(_g: &GlobalArgs, args: &DemoArgs) -> Result<i32> {
     let redis = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .map_err(|e| Error::Other(format!("redis-server: {e}")))?;
-    let mock = MockServer::start(
-        MockConfig::default()
-            .window_ms(window_ms)
-            .default_latency_ms(20)
-            .key(
-                KeySpec::new("sk-demo-free-key-one-0001")
-                    .label("free#1")
-                    .rpm(FREE_RPM),
-            )
-            .key(
-                KeySpec::new("sk-demo-free-key-two-0002")
-                    .label("free#2")
-                    .rpm(FREE_RPM),
-            )
-            .key(
-                KeySpec::new("sk-demo-free-key-bad-0003")
-                    .label("free#3")
-                    .state(KeyState::Invalid),
-            )
-            .key(
-                KeySpec::new("sk-demo-free-key-broke-004")
-                    .label("free#4")
-                    .state(KeyState::NoCredit),
-            )
-            .key(
-                KeySpec::new("sk-ant-demo-paid-key-0001")
-                    .label("paid#1")
-                    .rpm(1000),
-            ),
-    )
-    .await
-    .map_err(|e| Error::Other(format!("mock provider: {e}")))?;
+    let mock = start_mock(window_ms).await?;
 
     let dir = tempfile::tempdir()?;
-    let config_path = dir.path().join("llmq.toml");
-    std::fs::write(
-        &config_path,
-        demo_config(&redis.url(), &mock, &plugins, args.window_s.max(1)),
-    )?;
-    let env_path = dir.path().join("keys.env");
-    std::fs::write(
-        &env_path,
-        "FREE_API_KEY_1=sk-demo-free-key-one-0001\n\
-         FREE_API_KEY_2=sk-demo-free-key-two-0002\n\
-         FREE_API_KEY_3=sk-demo-free-key-bad-0003\n\
-         FREE_API_KEY_4=sk-demo-free-key-broke-004\n\
-         PAID_API_KEY_1=sk-ant-demo-paid-key-0001\n",
-    )?;
-    let opts = Options {
-        config: Some(config_path),
-        env_file: Some(env_path),
-        ..Options::default()
-    };
+    let opts = write_demo_files(dir.path(), &redis.url(), &mock, &plugins, args.window_s)?;
     let daemon = crate::serve::start(&opts).await?;
     let pool = daemon.pool.clone();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -128,31 +79,7 @@ pub async fn run(_g: &GlobalArgs, args: &DemoArgs) -> Result<i32> {
 
     let stats = mock.stats();
     let snapshots = pool.snapshot();
-    println!("\nper key (the daemon's view; calls and 429s from the mock provider):");
-    println!(
-        "{:<8} {:<6} {:<11} {:>6} {:>6} {:>5}  REASON",
-        "KEY", "TIER", "STATUS", "CALLS", "OK", "429s"
-    );
-    for s in &snapshots {
-        let label = s.id.to_string();
-        let ks = stats.keys.get(&label);
-        let tier = if s.provider == "free" { "free" } else { "paid" };
-        let status = match s.status {
-            KeyStatus::Available => "available",
-            KeyStatus::Cooling => "cooling",
-            KeyStatus::Disabled => "disabled",
-        };
-        println!(
-            "{:<8} {:<6} {:<11} {:>6} {:>6} {:>5}  {}",
-            label,
-            tier,
-            status,
-            ks.map(|k| k.calls).unwrap_or(0),
-            s.stats.successes,
-            ks.map(|k| k.rejected_429).unwrap_or(0),
-            s.reason.as_deref().unwrap_or("")
-        );
-    }
+    print_keys(&snapshots, &stats);
     let ok = results
         .iter()
         .filter(|r| r.status == Status::Succeeded)
@@ -182,6 +109,102 @@ pub async fn run(_g: &GlobalArgs, args: &DemoArgs) -> Result<i32> {
     } else {
         exit::FAILURE
     })
+}
+
+/// The mock provider: four free keys (two good, one invalid, one out of
+/// credit) and one paid key.
+async fn start_mock(window_ms: u64) -> Result<MockServer> {
+    MockServer::start(
+        MockConfig::default()
+            .window_ms(window_ms)
+            .default_latency_ms(20)
+            .key(
+                KeySpec::new("sk-demo-free-key-one-0001")
+                    .label("free#1")
+                    .rpm(FREE_RPM),
+            )
+            .key(
+                KeySpec::new("sk-demo-free-key-two-0002")
+                    .label("free#2")
+                    .rpm(FREE_RPM),
+            )
+            .key(
+                KeySpec::new("sk-demo-free-key-bad-0003")
+                    .label("free#3")
+                    .state(KeyState::Invalid),
+            )
+            .key(
+                KeySpec::new("sk-demo-free-key-broke-004")
+                    .label("free#4")
+                    .state(KeyState::NoCredit),
+            )
+            .key(
+                KeySpec::new("sk-ant-demo-paid-key-0001")
+                    .label("paid#1")
+                    .rpm(1000),
+            ),
+    )
+    .await
+    .map_err(|e| Error::Other(format!("mock provider: {e}")))
+}
+
+/// Writes the demo's config and keys file into `dir`; the daemon options
+/// that use them.
+fn write_demo_files(
+    dir: &Path,
+    redis_url: &str,
+    mock: &MockServer,
+    plugins: &Path,
+    window_s: u64,
+) -> Result<Options> {
+    let config_path = dir.join("llmq.toml");
+    std::fs::write(
+        &config_path,
+        demo_config(redis_url, mock, plugins, window_s.max(1)),
+    )?;
+    let env_path = dir.join("keys.env");
+    std::fs::write(
+        &env_path,
+        "FREE_API_KEY_1=sk-demo-free-key-one-0001\n\
+         FREE_API_KEY_2=sk-demo-free-key-two-0002\n\
+         FREE_API_KEY_3=sk-demo-free-key-bad-0003\n\
+         FREE_API_KEY_4=sk-demo-free-key-broke-004\n\
+         PAID_API_KEY_1=sk-ant-demo-paid-key-0001\n",
+    )?;
+    Ok(Options {
+        config: Some(config_path),
+        env_file: Some(env_path),
+        ..Options::default()
+    })
+}
+
+/// The per-key table: the daemon's view, with calls and 429s from the mock.
+fn print_keys(snapshots: &[crate::pool::KeySnapshot], stats: &llmq_mock::Stats) {
+    println!("\nper key (the daemon's view; calls and 429s from the mock provider):");
+    println!(
+        "{:<8} {:<6} {:<11} {:>6} {:>6} {:>5}  REASON",
+        "KEY", "TIER", "STATUS", "CALLS", "OK", "429s"
+    );
+    for s in snapshots {
+        let label = s.id.to_string();
+        let ks = stats.keys.get(&label);
+        let tier = if s.provider == "free" { "free" } else { "paid" };
+        let status = match s.status {
+            KeyStatus::Available => "available",
+            KeyStatus::Cooling => "cooling",
+            KeyStatus::Disabled => "disabled",
+        };
+        println!(
+            "{:<8} {:<6} {:<11} {:>6} {:>6} {:>5}  {}",
+            label,
+            tier,
+            status,
+            ks.map(|k| k.calls).unwrap_or(0),
+            s.stats.successes,
+            ks.map(|k| k.rejected_429).unwrap_or(0),
+            s.reason.as_deref().unwrap_or("")
+        );
+    }
 }
 
 async fn push_burst(
@@ -261,7 +284,10 @@ fn demo_config(redis_url: &str, mock: &MockServer, plugins: &Path, window_s: u64
         s.push_str(&format!("[upstream]\nca_file = {ca}\n\n"));
     }
     // Only the demo's own providers route: every catalog provider is off.
-    for name in crate::catalog::providers().unwrap_or_default().keys() {
+    for name in crate::config::catalog_providers()
+        .unwrap_or_default()
+        .keys()
+    {
         s.push_str(&format!("[providers.{name}]\nenabled = false\n\n"));
     }
     s.push_str(&format!(

@@ -89,10 +89,11 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Upper bound of one upstream call (the HTTP timeout plus margin): an
-/// in-flight slot counts until then unless its completion re-stamps it, and
-/// a probe marker expires then (a dead daemon cannot wedge a key longer).
-pub const MAX_CALL: Duration = Duration::from_secs(125);
+/// Upper bound of one upstream call: an in-flight slot counts until then
+/// unless its completion re-stamps it, and a probe marker expires then (a
+/// dead daemon cannot wedge a key longer). Defined in `config`, which checks
+/// `[upstream] timeout` against it.
+pub use crate::config::MAX_CALL;
 /// How soon a daemon asks again while another daemon's first call to a new
 /// key is in flight (probation has no cross-daemon wake-up).
 pub const PROBATION_RETRY: Duration = Duration::from_millis(50);

@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod endpoint;
 pub mod error;
 pub mod executor;
 pub mod global;
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod plugin_host;
 pub mod pool;
 pub mod queue;
+pub mod redis_conn;
 pub mod router;
 pub mod serve;
 pub mod upstream;

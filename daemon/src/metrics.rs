@@ -1,19 +1,17 @@
 //! Prometheus metrics: the metric names (the scrape contract), their
-//! descriptions, the process-wide recorder and the gauge helpers.
+//! descriptions and the process-wide recorder.
 //!
 //! The recorder has no HTTP listener of its own: the admin API's `/metrics`
 //! renders the [`PrometheusHandle`] from [`install`]. Counters and the
 //! histogram are emitted where things happen (the executor); the gauges
-//! below describe state and are refreshed from the admin backend right
-//! before each scrape ([`set_key_states`], [`set_queue_depth`]).
+//! describe state and are refreshed by the admin API from its backend right
+//! before each scrape (so this module knows nothing of the admin views).
 //! Labels carry key ids (`groq#2`), never secrets.
 
 use std::sync::OnceLock;
 
-use ::metrics::{describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-use crate::admin::{KeyStatus, KeyView, QueueView};
 
 /// Counter: finished jobs, by `lane` and `outcome` (`succeeded`/`failed`).
 pub const JOBS_TOTAL: &str = "llmq_jobs_total";
@@ -122,29 +120,4 @@ pub fn describe() {
         Unit::Count,
         "1 for a plugin quarantined (its calls kept timing out) until the next reload."
     );
-}
-
-/// Sets `llmq_key_state{key,state}`: 1 for the key's state, 0 for the others,
-/// so a state change never leaves two states at 1.
-pub fn set_key_state(key: &KeyView) {
-    for state in KeyStatus::ALL {
-        let value = if state == key.status { 1.0 } else { 0.0 };
-        gauge!(KEY_STATE, "key" => key.id.clone(), "state" => state.as_str()).set(value);
-    }
-}
-
-/// [`set_key_state`] for every key.
-pub fn set_key_states(keys: &[KeyView]) {
-    keys.iter().for_each(set_key_state);
-}
-
-/// Sets `llmq_queue_depth{lane}`, `llmq_jobs_in_flight`, `llmq_jobs_delayed`
-/// and `llmq_jobs_dead` from a queue view.
-pub fn set_queue_depth(queue: &QueueView) {
-    for lane in &queue.lanes {
-        gauge!(QUEUE_DEPTH, "lane" => lane.lane.clone()).set(lane.depth as f64);
-    }
-    gauge!(JOBS_IN_FLIGHT).set(queue.in_flight as f64);
-    gauge!(JOBS_DELAYED).set(queue.delayed as f64);
-    gauge!(JOBS_DEAD).set(queue.dead as f64);
 }

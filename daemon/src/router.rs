@@ -114,6 +114,140 @@ pub struct Plan {
     pub max_tokens: u64,
 }
 
+impl NoRoute {
+    /// A refusal before any route was excluded.
+    fn bare(message: String) -> NoRoute {
+        NoRoute {
+            message,
+            excluded: Vec::new(),
+        }
+    }
+}
+
+/// The candidates of a plan while its filters run, with what each dropped.
+struct Filter {
+    candidates: Vec<Arc<Route>>,
+    excluded: Vec<(String, String)>,
+}
+
+impl Filter {
+    /// Drops the candidates `reason` gives a reason for (recording it) and
+    /// returns the candidates from before.
+    fn stage(&mut self, reason: impl Fn(&Route) -> Option<String>) -> Vec<Arc<Route>> {
+        let before = self.candidates.clone();
+        let excluded = &mut self.excluded;
+        self.candidates.retain(|r| match reason(r) {
+            Some(why) => {
+                excluded.push((r.name(), why));
+                false
+            }
+            None => true,
+        });
+        before
+    }
+
+    /// `Err` with `message` and the exclusions so far when no candidate is left.
+    fn nonempty(&self, message: impl FnOnce() -> String) -> Result<(), NoRoute> {
+        if self.candidates.is_empty() {
+            return Err(NoRoute {
+                message: message(),
+                excluded: self.excluded.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Routes that lack a capability the job needs.
+    fn capabilities(&mut self, needed: &[Capability], model_label: &str) -> Result<(), NoRoute> {
+        let before = self.stage(|r: &Route| {
+            let missing: Vec<&str> = needed
+                .iter()
+                .filter(|c| !r.has(**c))
+                .map(|c| c.as_str())
+                .collect();
+            (!missing.is_empty()).then(|| format!("lacks {}", missing.join(", ")))
+        });
+        self.nonempty(|| {
+            let caps: Vec<&str> = needed.iter().map(|c| c.as_str()).collect();
+            let partial: Vec<&str> = needed
+                .iter()
+                .filter(|c| before.iter().any(|r| r.has(**c)))
+                .map(|c| c.as_str())
+                .collect();
+            if needed.len() > 1 && !partial.is_empty() {
+                format!(
+                    "no route has all of {} for {model_label} (some have {})",
+                    caps.join(" + "),
+                    partial.join(", ")
+                )
+            } else {
+                format!(
+                    "no route has capability {} for {model_label}",
+                    caps.join(" + ")
+                )
+            }
+        })
+    }
+
+    /// Routes whose context window is smaller than prompt + max_tokens.
+    fn context(&mut self, prompt: u64, max_tokens: u64) -> Result<(), NoRoute> {
+        let need = prompt + max_tokens;
+        let before = self.stage(|r: &Route| match r.context {
+            Some(c) if c < need => Some(format!("context {c} < ~{need} tokens needed")),
+            _ => None,
+        });
+        self.nonempty(|| {
+            let largest = before
+                .iter()
+                .filter_map(|r| r.context.map(|c| (c, r.name())))
+                .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1)));
+            let (c, name) = largest.unwrap_or_default();
+            format!(
+                "prompt needs ~{need} tokens (~{prompt} prompt + {max_tokens} max_tokens); largest context among matching models is {c} ({name})"
+            )
+        })
+    }
+
+    /// Routes above the job's `max_tier`.
+    fn tier(&mut self, max_tier: Tier) -> Result<(), NoRoute> {
+        let before = self.stage(|r: &Route| {
+            (r.tier > max_tier).then(|| {
+                format!(
+                    "tier {} above max_tier {}",
+                    r.tier.as_str(),
+                    max_tier.as_str()
+                )
+            })
+        });
+        self.nonempty(|| {
+            let cheapest = before.iter().map(|r| r.tier).min().unwrap_or(Tier::Paid);
+            format!(
+                "max_tier {} excludes every matching route (the cheapest tier that fits is {})",
+                max_tier.as_str(),
+                cheapest.as_str()
+            )
+        })
+    }
+
+    /// Routes whose estimated cost is over the job's `max_cost_usd`.
+    fn cost(&mut self, max_cost: f64, prompt: u64, max_tokens: u64) -> Result<(), NoRoute> {
+        let before = self.stage(|r: &Route| {
+            let est = r.estimate_cost(prompt, max_tokens);
+            (est > max_cost).then(|| format!("est. cost ${est:.6} over max_cost_usd ${max_cost}"))
+        });
+        self.nonempty(|| {
+            let cheapest = before
+                .iter()
+                .map(|r| (r.estimate_cost(prompt, max_tokens), r.name()))
+                .min_by(|a, b| a.0.total_cmp(&b.0));
+            let (est, name) = cheapest.unwrap_or_default();
+            format!(
+                "max_cost_usd ${max_cost} excludes every matching route (cheapest estimate ${est:.6} on {name})"
+            )
+        })
+    }
+}
+
 /// All routes of the enabled providers that have keys. Build once, share
 /// with `Arc`.
 #[derive(Debug, Clone)]
@@ -175,16 +309,46 @@ impl RouteTable {
 
     /// The routes for `job`, best first. `model` is the branch's model for a
     /// fan-out job; otherwise `job.model` is used (none = any model).
+    ///
+    /// The steps, each of which may end the plan with a [`NoRoute`]: the
+    /// job's pins, the model, then the capabilities, context window, tier
+    /// and cost filters (each records what it drops in `excluded`).
     pub fn plan(&self, job: &Job, model: Option<&str>) -> Result<Plan, NoRoute> {
         let model = model.or(job.model.as_deref());
         let prompt = prompt_tokens(&job.messages);
         let max_tokens = job.max_tokens.map_or(DEFAULT_MAX_TOKENS, u64::from);
-        let fail = |message: String, excluded: &[(String, String)]| NoRoute {
-            message,
-            excluded: excluded.to_vec(),
+        let pin = self.pinned_provider(job)?;
+        let (candidates, model_label) = self.model_candidates(model, pin)?;
+        let mut f = Filter {
+            candidates,
+            excluded: Vec::new(),
         };
+        f.capabilities(&job.needed_capabilities(), &model_label)?;
+        f.context(prompt, max_tokens)?;
+        if let Some(max_tier) = job.route.max_tier {
+            f.tier(max_tier)?;
+        }
+        if let Some(max_cost) = job.route.max_cost_usd {
+            f.cost(max_cost, prompt, max_tokens)?;
+        }
+        let Filter {
+            mut candidates,
+            mut excluded,
+        } = f;
+        self.note_unusable(model, pin, &mut excluded);
+        self.sort(&mut candidates, prompt, max_tokens);
+        Ok(Plan {
+            routes: candidates,
+            excluded,
+            prompt_tokens: prompt,
+            max_tokens,
+        })
+    }
 
-        // Pins: route.provider and route.key (whose provider is before '#').
+    /// The provider the job pins (`route.provider`, or the provider of
+    /// `route.key`, whose provider is before '#'), checked to exist and to
+    /// have usable routes.
+    fn pinned_provider<'j>(&self, job: &'j Job) -> Result<Option<&'j str>, NoRoute> {
         let key_provider = job
             .route
             .key
@@ -192,25 +356,19 @@ impl RouteTable {
             .map(|k| k.split_once('#').map_or(k, |(p, _)| p));
         if let (Some(p), Some(kp)) = (job.route.provider.as_deref(), key_provider) {
             if p != kp {
-                return Err(fail(
-                    format!(
-                        "route.key {:?} belongs to provider {kp}, but route.provider is {p}",
-                        job.route.key.as_deref().unwrap_or_default()
-                    ),
-                    &[],
-                ));
+                return Err(NoRoute::bare(format!(
+                    "route.key {:?} belongs to provider {kp}, but route.provider is {p}",
+                    job.route.key.as_deref().unwrap_or_default()
+                )));
             }
         }
         let pin = job.route.provider.as_deref().or(key_provider);
         if let Some(p) = pin {
             if !self.providers.contains(p) {
-                return Err(fail(
-                    format!(
-                        "unknown provider {p:?} (known: {})",
-                        join(self.providers.iter().map(String::as_str))
-                    ),
-                    &[],
-                ));
+                return Err(NoRoute::bare(format!(
+                    "unknown provider {p:?} (known: {})",
+                    join(self.providers.iter().map(String::as_str))
+                )));
             }
             if !self.routes.iter().any(|r| r.provider == p) {
                 let why = self
@@ -219,17 +377,25 @@ impl RouteTable {
                     .find(|(r, _)| r.provider == p)
                     .map(|(_, w)| w.clone())
                     .unwrap_or_else(|| format!("provider {p} has no models"));
-                return Err(fail(why, &[]));
+                return Err(NoRoute::bare(why));
             }
         }
+        Ok(pin)
+    }
 
-        // Model.
+    /// The usable routes serving `model` (all for none), kept to the pinned
+    /// provider, and how messages name the model.
+    fn model_candidates(
+        &self,
+        model: Option<&str>,
+        pin: Option<&str>,
+    ) -> Result<(Vec<Arc<Route>>, String), NoRoute> {
         let (mut candidates, model_label) = match model {
             None => (self.routes.clone(), "any model".to_string()),
             Some(name) => {
                 let matched = match_model(&self.routes, name);
                 if matched.is_empty() {
-                    return Err(fail(self.no_model_message(name), &[]));
+                    return Err(NoRoute::bare(self.no_model_message(name)));
                 }
                 (matched, format!("model {name:?}"))
             }
@@ -237,136 +403,22 @@ impl RouteTable {
         if let Some(p) = pin {
             candidates.retain(|r| r.provider == p);
             if candidates.is_empty() {
-                return Err(fail(
-                    format!(
-                        "provider {p} (pinned by the job's route) does not serve {model_label}"
-                    ),
-                    &[],
-                ));
+                return Err(NoRoute::bare(format!(
+                    "provider {p} (pinned by the job's route) does not serve {model_label}"
+                )));
             }
         }
+        Ok((candidates, model_label))
+    }
 
-        let mut excluded: Vec<(String, String)> = Vec::new();
-        let stage = |candidates: &mut Vec<Arc<Route>>,
-                     excluded: &mut Vec<(String, String)>,
-                     reason: &dyn Fn(&Route) -> Option<String>| {
-            candidates.retain(|r| match reason(r) {
-                Some(why) => {
-                    excluded.push((r.name(), why));
-                    false
-                }
-                None => true,
-            });
-        };
-
-        // Capabilities.
-        let needed = job.needed_capabilities();
-        let before = candidates.clone();
-        stage(&mut candidates, &mut excluded, &|r: &Route| {
-            let missing: Vec<&str> = needed
-                .iter()
-                .filter(|c| !r.has(**c))
-                .map(|c| c.as_str())
-                .collect();
-            (!missing.is_empty()).then(|| format!("lacks {}", missing.join(", ")))
-        });
-        if candidates.is_empty() {
-            let caps: Vec<&str> = needed.iter().map(|c| c.as_str()).collect();
-            let partial: Vec<&str> = needed
-                .iter()
-                .filter(|c| before.iter().any(|r| r.has(**c)))
-                .map(|c| c.as_str())
-                .collect();
-            let message = if needed.len() > 1 && !partial.is_empty() {
-                format!(
-                    "no route has all of {} for {model_label} (some have {})",
-                    caps.join(" + "),
-                    partial.join(", ")
-                )
-            } else {
-                format!(
-                    "no route has capability {} for {model_label}",
-                    caps.join(" + ")
-                )
-            };
-            return Err(fail(message, &excluded));
-        }
-
-        // Context window.
-        let need = prompt + max_tokens;
-        let before = candidates.clone();
-        stage(
-            &mut candidates,
-            &mut excluded,
-            &|r: &Route| match r.context {
-                Some(c) if c < need => Some(format!("context {c} < ~{need} tokens needed")),
-                _ => None,
-            },
-        );
-        if candidates.is_empty() {
-            let largest = before
-                .iter()
-                .filter_map(|r| r.context.map(|c| (c, r.name())))
-                .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(&a.1)));
-            let (c, name) = largest.unwrap_or_default();
-            return Err(fail(
-                format!(
-                    "prompt needs ~{need} tokens (~{prompt} prompt + {max_tokens} max_tokens); largest context among matching models is {c} ({name})"
-                ),
-                &excluded,
-            ));
-        }
-
-        // Tier.
-        if let Some(max_tier) = job.route.max_tier {
-            let before = candidates.clone();
-            stage(&mut candidates, &mut excluded, &|r: &Route| {
-                (r.tier > max_tier).then(|| {
-                    format!(
-                        "tier {} above max_tier {}",
-                        r.tier.as_str(),
-                        max_tier.as_str()
-                    )
-                })
-            });
-            if candidates.is_empty() {
-                let cheapest = before.iter().map(|r| r.tier).min().unwrap_or(Tier::Paid);
-                return Err(fail(
-                    format!(
-                        "max_tier {} excludes every matching route (the cheapest tier that fits is {})",
-                        max_tier.as_str(),
-                        cheapest.as_str()
-                    ),
-                    &excluded,
-                ));
-            }
-        }
-
-        // Cost.
-        if let Some(max_cost) = job.route.max_cost_usd {
-            let before = candidates.clone();
-            stage(&mut candidates, &mut excluded, &|r: &Route| {
-                let est = r.estimate_cost(prompt, max_tokens);
-                (est > max_cost)
-                    .then(|| format!("est. cost ${est:.6} over max_cost_usd ${max_cost}"))
-            });
-            if candidates.is_empty() {
-                let cheapest = before
-                    .iter()
-                    .map(|r| (r.estimate_cost(prompt, max_tokens), r.name()))
-                    .min_by(|a, b| a.0.total_cmp(&b.0));
-                let (est, name) = cheapest.unwrap_or_default();
-                return Err(fail(
-                    format!(
-                        "max_cost_usd ${max_cost} excludes every matching route (cheapest estimate ${est:.6} on {name})"
-                    ),
-                    &excluded,
-                ));
-            }
-        }
-
-        // Providers without keys (or disabled) that serve the model (any
-        // model when none is asked for): one line per provider, for the operator.
+    /// Providers without keys (or disabled) that serve the model (any model
+    /// when none is asked for): one line per provider, for the operator.
+    fn note_unusable(
+        &self,
+        model: Option<&str>,
+        pin: Option<&str>,
+        excluded: &mut Vec<(String, String)>,
+    ) {
         let mut seen = BTreeSet::new();
         for (r, why) in &self.unusable {
             let named = model.is_none_or(|name| r.is_named(name) || qualified_match(r, name));
@@ -374,14 +426,6 @@ impl RouteTable {
                 excluded.push((format!("{}/*", r.provider), why.clone()));
             }
         }
-
-        self.sort(&mut candidates, prompt, max_tokens);
-        Ok(Plan {
-            routes: candidates,
-            excluded,
-            prompt_tokens: prompt,
-            max_tokens,
-        })
     }
 
     fn sort(&self, routes: &mut [Arc<Route>], prompt: u64, max_tokens: u64) {

@@ -369,7 +369,13 @@ fn log_disposition(id: &str, lane: &str, attempt: u32, d: &Disposition) {
 pub async fn serve(opts: Options) -> Result<()> {
     let daemon = start(&opts).await?;
     // Membership heartbeat and cross-daemon key states (cluster.rs).
-    let node = crate::cluster::Node::start(&daemon);
+    let node = crate::cluster::Node::start(
+        daemon.queue.connection(),
+        daemon.queue.consumer(),
+        &daemon.settings.config,
+        daemon.executor.runtime().global.clone(),
+        (*daemon.pool).clone(),
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let admin = spawn_admin(&daemon, stop_rx.clone()).await?;
 

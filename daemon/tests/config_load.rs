@@ -30,7 +30,7 @@ fn no_file_gives_the_defaults_and_the_catalog() {
     assert_eq!(cfg.redis, defaults.redis);
     assert_eq!(cfg.queue, defaults.queue);
     assert_eq!(cfg.routing.order, RouteOrder::Cost);
-    let catalog = llmq::catalog::providers().unwrap();
+    let catalog = llmq::config::catalog_providers().unwrap();
     assert_eq!(
         cfg.providers.keys().collect::<Vec<_>>(),
         catalog.keys().collect::<Vec<_>>()
@@ -87,7 +87,7 @@ fn user_file_overrides_the_catalog_field_by_field() {
     assert_eq!(groq.strategy, Strategy::LeastLoaded);
     assert_eq!(groq.tier, Tier::Free);
 
-    let catalog_groq = &llmq::catalog::providers().unwrap()["groq"];
+    let catalog_groq = &llmq::config::catalog_providers().unwrap()["groq"];
     assert_eq!(groq.models.len(), catalog_groq.models.len() + 1);
     let m = groq
         .models

@@ -818,7 +818,7 @@ impl Cluster {
             || {
                 let url = url.clone();
                 async move {
-                    let mut conn = llmq::commands::connect(&url).await.ok()?;
+                    let mut conn = llmq::redis_conn::connect(&url).await.ok()?;
                     let members = llmq::cluster::list(&mut conn).await.ok()?;
                     (members.len() >= n).then_some(())
                 }

@@ -401,7 +401,7 @@ fn a_base_url_llmq_cannot_speak_stops_serve_and_check_config_naming_the_provider
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("llmq.toml");
     let mut cfg = String::from("[redis]\nurl = \"redis://127.0.0.1:1\"\n\n");
-    for name in llmq::catalog::providers().unwrap().keys() {
+    for name in llmq::config::catalog_providers().unwrap().keys() {
         cfg.push_str(&format!("[providers.{name}]\nenabled = false\n\n"));
     }
     cfg.push_str(

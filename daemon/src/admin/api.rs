@@ -17,7 +17,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 
 use super::auth::{require_token, Auth};
-use super::{AdminBackend, AdminError};
+use super::{AdminBackend, AdminError, KeyStatus, KeyView, QueueView};
+use ::metrics::gauge;
 
 /// The dashboard: one self-contained page, no build step, no CDN.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -200,12 +201,12 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, AdminError> {
         ));
     };
     match tokio::time::timeout(PROBE_TIMEOUT, s.backend.keys()).await {
-        Ok(Ok(keys)) => crate::metrics::set_key_states(&keys),
+        Ok(Ok(keys)) => set_key_states(&keys),
         Ok(Err(e)) => tracing::debug!(error = %e, "metrics: key gauges not refreshed"),
         Err(_) => tracing::debug!("metrics: key gauges not refreshed (timeout)"),
     }
     match tokio::time::timeout(PROBE_TIMEOUT, s.backend.queue()).await {
-        Ok(Ok(q)) => crate::metrics::set_queue_depth(&q),
+        Ok(Ok(q)) => set_queue_depth(&q),
         Ok(Err(e)) => tracing::debug!(error = %e, "metrics: queue gauges not refreshed"),
         Err(_) => tracing::debug!("metrics: queue gauges not refreshed (timeout)"),
     }
@@ -268,6 +269,32 @@ async fn dashboard() -> Response {
 /// Parses a JSON body; the error says where it broke, not what was sent.
 fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminError> {
     serde_json::from_slice(bytes).map_err(|e| AdminError::BadRequest(format!("invalid JSON: {e}")))
+}
+
+/// Sets `llmq_key_state{key,state}`: 1 for the key's state, 0 for the others,
+/// so a state change never leaves two states at 1.
+fn set_key_state(key: &KeyView) {
+    for state in KeyStatus::ALL {
+        let value = if state == key.status { 1.0 } else { 0.0 };
+        gauge!(crate::metrics::KEY_STATE, "key" => key.id.clone(), "state" => state.as_str())
+            .set(value);
+    }
+}
+
+/// [`set_key_state`] for every key.
+fn set_key_states(keys: &[KeyView]) {
+    keys.iter().for_each(set_key_state);
+}
+
+/// Sets `llmq_queue_depth{lane}`, `llmq_jobs_in_flight`, `llmq_jobs_delayed`
+/// and `llmq_jobs_dead` from a queue view.
+fn set_queue_depth(queue: &QueueView) {
+    for lane in &queue.lanes {
+        gauge!(crate::metrics::QUEUE_DEPTH, "lane" => lane.lane.clone()).set(lane.depth as f64);
+    }
+    gauge!(crate::metrics::JOBS_IN_FLIGHT).set(queue.in_flight as f64);
+    gauge!(crate::metrics::JOBS_DELAYED).set(queue.delayed as f64);
+    gauge!(crate::metrics::JOBS_DEAD).set(queue.dead as f64);
 }
 
 #[cfg(test)]

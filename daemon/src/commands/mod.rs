@@ -8,6 +8,7 @@ use crate::queue::QueueError;
 use crate::serve::Options;
 use std::io::Read;
 
+mod cluster;
 mod keys;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Push(args) => {
             let body = read_arg_or_stdin(args.job.as_deref())?;
             let settings = options(g).load_config_only()?;
-            let mut conn = connect(&settings.redis.url).await?;
+            let mut conn = crate::redis_conn::connect(&settings.redis.url).await?;
             let id = match crate::queue::push_with(
                 &mut conn,
                 &args.lane,
@@ -54,12 +55,12 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Wait(args) => {
             let settings = options(g).load_config_only()?;
-            let mut conn = connect(&settings.redis.url).await?;
+            let mut conn = crate::redis_conn::connect(&settings.redis.url).await?;
             wait_and_print(g, &mut conn, &args.id, args.timeout).await
         }
         Command::Result(args) => {
             let settings = options(g).load_config_only()?;
-            let mut conn = connect(&settings.redis.url).await?;
+            let mut conn = crate::redis_conn::connect(&settings.redis.url).await?;
             match crate::queue::get_result(&mut conn, &args.id).await? {
                 Some(r) => Ok(print_result(g, &r)),
                 None => {
@@ -96,7 +97,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::CheckConfig => check_config(g),
         Command::Keys(args) => keys::keys(g, &options(g), args.action.as_ref()).await,
         Command::Usage(args) => keys::usage(g, &options(g), args.since.as_deref()).await,
-        Command::Cluster => crate::cluster::command(g).await,
+        Command::Cluster => cluster::command(g).await,
         #[cfg(feature = "demo")]
         Command::Demo(args) => crate::demo::run(g, args).await,
     }
@@ -110,15 +111,6 @@ pub(crate) fn options(g: &GlobalArgs) -> Options {
         plugins_dir: None,
         admin_listen: None,
     }
-}
-
-/// A multiplexed connection with no response timeout (BLPOP waits).
-pub async fn connect(url: &str) -> Result<redis::aio::MultiplexedConnection> {
-    let client = redis::Client::open(url)?;
-    let cfg = redis::AsyncConnectionConfig::new().set_response_timeout(None);
-    Ok(client
-        .get_multiplexed_async_connection_with_config(&cfg)
-        .await?)
 }
 
 fn read_arg_or_stdin(arg: Option<&str>) -> Result<String> {

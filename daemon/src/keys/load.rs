@@ -224,6 +224,7 @@ fn collect_candidates<'a>(
     env: &'a EnvSource,
     report: &mut KeyReport,
 ) -> Result<Vec<Candidate<'a>>, KeyError> {
+    // Config keys, resolved first so errors come before any env work.
     let mut skip = |source: String, reason: &str| {
         report.skipped.push(Skipped {
             provider: name.to_string(),
@@ -232,7 +233,24 @@ fn collect_candidates<'a>(
         })
     };
 
-    // Config keys, resolved first so errors come before any env work.
+    let (with_instance, without_instance) = config_candidates(name, cfg, env, &mut skip)?;
+    let (numbered, listed, bare) = env_candidates(prefixes, env, &mut skip);
+    let mut all = with_instance;
+    all.extend(numbered);
+    all.extend(listed);
+    all.extend(bare);
+    all.extend(without_instance);
+    Ok(all)
+}
+
+/// A provider's `[[providers.<name>.keys]]`, as `(with an instance,
+/// without)`; keys whose secret is blank or unset are skipped.
+fn config_candidates<'a>(
+    name: &str,
+    cfg: &'a ProviderConfig,
+    env: &'a EnvSource,
+    skip: &mut dyn FnMut(String, &str),
+) -> Result<(Vec<Candidate<'a>>, Vec<Candidate<'a>>), KeyError> {
     let mut with_instance = Vec::new();
     let mut without_instance = Vec::new();
     for (i, kc) in cfg.keys.iter().enumerate() {
@@ -278,6 +296,16 @@ fn collect_candidates<'a>(
         }
     }
 
+    Ok((with_instance, without_instance))
+}
+
+/// The `<P>_API_KEY_<n>`, `<P>_API_KEYS` and `<P>_API_KEY` variables of
+/// every prefix, as `(numbered, listed, bare)`.
+fn env_candidates<'a>(
+    prefixes: &[String],
+    env: &'a EnvSource,
+    skip: &mut dyn FnMut(String, &str),
+) -> (Vec<Candidate<'a>>, Vec<Candidate<'a>>, Vec<Candidate<'a>>) {
     let mut numbered = Vec::new();
     let mut listed = Vec::new();
     let mut bare = Vec::new();
@@ -339,12 +367,7 @@ fn collect_candidates<'a>(
         }
     }
 
-    let mut all = with_instance;
-    all.extend(numbered);
-    all.extend(listed);
-    all.extend(bare);
-    all.extend(without_instance);
-    Ok(all)
+    (numbered, listed, bare)
 }
 
 fn is_digits(s: &str) -> bool {

@@ -1062,145 +1062,30 @@ impl ProviderState {
         now: Now,
     ) {
         self.touch(idx, |e| e.in_flight = e.in_flight.saturating_sub(1));
-        let charged = ticket.tokens();
         let charged_day = ticket.day().max(0) as u64;
         let admitted = ticket.admitted();
-        let mut daily_tokens = charged;
         // Usage is reported by UTC day; spend counts against the provider's day.
         let day = now.utc_day();
-        let reprobe = self.settings.keys.reprobe_interval;
-        let cooldown = self.settings.cooldown();
-        let provider_cfg = &self.settings.provider;
-        let mut refund = false;
-        let mut new_state = None;
-        let mut spent = 0.0;
+        let at = FateAt {
+            probe,
+            model,
+            day,
+            now,
+            reprobe: self.settings.keys.reprobe_interval,
+            cooldown: self.settings.cooldown(),
+            provider: &self.settings.provider,
+        };
+        let sent = !matches!(fate, Some(Fate::NotSent));
         let e = &mut self.keys[idx as usize];
         if probe {
             e.probing = false;
         }
-        // A call that was in flight when the key got disabled (by another
-        // call or the operator) does not change that state; only the probe does.
-        let settled = !probe && matches!(e.state, KeyState::Disabled { .. });
-        let sent = !matches!(fate, Some(Fate::NotSent));
-        match fate {
-            Some(Fate::Success {
-                usage_in,
-                usage_out,
-                cost_usd,
-            }) => {
-                let actual = usage_in + usage_out;
-                e.limiter.complete(ticket, now, Some(actual));
-                refund = actual < charged;
-                // The day is charged the real usage instead of the estimate.
-                daily_tokens = actual;
-                e.stats.successes += 1;
-                e.stats.tokens_in += usage_in;
-                e.stats.tokens_out += usage_out;
-                e.stats.cost_usd += cost_usd;
-                let p = &mut e.pending.stats;
-                p.successes += 1;
-                p.tokens_in += usage_in;
-                p.tokens_out += usage_out;
-                p.cost_usd += cost_usd;
-                let u = usage_slot(&mut e.pending.usage, day, model);
-                u.tokens_in += usage_in;
-                u.tokens_out += usage_out;
-                u.cost_usd += cost_usd;
-                spent = cost_usd;
-                if probe {
-                    new_state = Some(KeyState::Available);
-                }
-            }
-            Some(Fate::RateLimited { retry_after }) => {
-                e.limiter.complete(ticket, now, None);
-                e.stats.rate_limited += 1;
-                e.pending.stats.rate_limited += 1;
-                count_failure(e, "rate_limited");
-                let mut until = now.mono + retry_after.unwrap_or(cooldown);
-                if let KeyState::CoolingDown { until: u } = e.state {
-                    until = until.max(u);
-                }
-                if !settled && e.state != (KeyState::CoolingDown { until }) {
-                    new_state = Some(KeyState::CoolingDown { until });
-                }
-            }
-            Some(Fate::Disabled { reason }) => {
-                e.limiter.complete(ticket, now, None);
-                count_failure(e, &reason);
-                if !settled {
-                    new_state = Some(KeyState::Disabled {
-                        reason,
-                        since_ms: now.unix_ms,
-                        next_probe: Some(now.mono + reprobe),
-                    });
-                }
-            }
-            Some(Fate::QuotaExhausted { reason, reset }) => {
-                e.limiter.complete(ticket, now, None);
-                count_failure(e, QUOTA_EXHAUSTED);
-                if !settled {
-                    // Re-probed when the quota comes back, if the provider
-                    // said when; else on the usual schedule.
-                    let next_probe = reset
-                        .map(|r| resolve_reset(&r, provider_cfg, now))
-                        .unwrap_or(now.mono + reprobe);
-                    new_state = Some(KeyState::Disabled {
-                        reason,
-                        since_ms: now.unix_ms,
-                        next_probe: Some(next_probe),
-                    });
-                }
-            }
-            Some(Fate::ModelQuota {
-                model: quota_model,
-                reason,
-                reset,
-            }) => {
-                e.limiter.complete(ticket, now, None);
-                count_failure(e, QUOTA_EXHAUSTED);
-                let until = reset
-                    .map(|r| resolve_reset(&r, provider_cfg, now))
-                    .unwrap_or(now.mono + reprobe);
-                e.park(&quota_model, until, reason, now);
-                // The key answered: it is fine for its other models.
-                if probe {
-                    new_state = Some(KeyState::Available);
-                }
-            }
-            Some(Fate::Transient) => {
-                e.limiter.complete(ticket, now, None);
-                count_failure(e, "transient");
-                if let (
-                    true,
-                    KeyState::Disabled {
-                        reason, since_ms, ..
-                    },
-                ) = (probe, &e.state)
-                {
-                    // Inconclusive probe: try again after a cooldown.
-                    new_state = Some(KeyState::Disabled {
-                        reason: reason.clone(),
-                        since_ms: *since_ms,
-                        next_probe: Some(now.mono + reprobe.min(cooldown)),
-                    });
-                }
-            }
-            Some(Fate::Untouched) => {
-                e.limiter.complete(ticket, now, None);
-                count_failure(e, "untouched");
-                if probe {
-                    new_state = Some(KeyState::Available);
-                }
-            }
-            Some(Fate::NotSent) => {
-                e.limiter.cancel(ticket, now);
-                refund = true;
-            }
-            None => {
-                e.limiter.complete(ticket, now, None);
-                count_failure(e, "dropped");
-            }
-        }
+        let Settled {
+            refund,
+            new_state,
+            spent,
+            daily_tokens,
+        } = apply_fate(e, fate, ticket, &at);
         if sent {
             let used_ms = now.unix_ms_at(admitted);
             e.stats.requests += 1;
@@ -1221,6 +1106,19 @@ impl ProviderState {
         if refund {
             self.wake_account(idx, now);
         }
+        self.replace_after_release(idx, new_state, refund, probe, now);
+    }
+
+    /// Moves the key after a release: to its new state, or back to where
+    /// it can be picked when the release freed it.
+    fn replace_after_release(
+        &mut self,
+        idx: u32,
+        new_state: Option<KeyState>,
+        refund: bool,
+        probe: bool,
+        now: Now,
+    ) {
         match new_state {
             Some(state) => self.set_state(idx, state, now, true),
             None => {
@@ -1375,6 +1273,192 @@ impl ProviderState {
                 self.set_state(idx, state, now, false);
             }
         }
+    }
+}
+
+/// Where and when a fate is applied (see [`apply_fate`]).
+struct FateAt<'a> {
+    probe: bool,
+    model: u32,
+    /// The UTC day usage is reported under.
+    day: u64,
+    now: Now,
+    reprobe: Duration,
+    cooldown: Duration,
+    provider: &'a ProviderConfig,
+}
+
+/// What a fate did to the entry that the pool must still act on.
+struct Settled {
+    /// The key may admit more now (fewer tokens than charged, or none).
+    refund: bool,
+    new_state: Option<KeyState>,
+    /// USD spent by the call.
+    spent: f64,
+    /// Tokens the day is charged: the real usage when known, else the estimate.
+    daily_tokens: u64,
+}
+
+/// Settles the limiter ticket and counts the outcome of one call on its
+/// key's entry; says which state the key moves to.
+fn apply_fate(e: &mut Entry, fate: Option<Fate>, ticket: Ticket, at: &FateAt<'_>) -> Settled {
+    let FateAt {
+        probe,
+        now,
+        reprobe,
+        cooldown,
+        provider: provider_cfg,
+        ..
+    } = *at;
+    let charged = ticket.tokens();
+    let mut refund = false;
+    let mut new_state = None;
+    // A call that was in flight when the key got disabled (by another
+    // call or the operator) does not change that state; only the probe does.
+    let settled = !probe && matches!(e.state, KeyState::Disabled { .. });
+    match fate {
+        Some(Fate::Success {
+            usage_in,
+            usage_out,
+            cost_usd,
+        }) => return succeeded(e, ticket, (usage_in, usage_out, cost_usd), at),
+        Some(Fate::RateLimited { retry_after }) => {
+            e.limiter.complete(ticket, now, None);
+            e.stats.rate_limited += 1;
+            e.pending.stats.rate_limited += 1;
+            count_failure(e, "rate_limited");
+            let mut until = now.mono + retry_after.unwrap_or(cooldown);
+            if let KeyState::CoolingDown { until: u } = e.state {
+                until = until.max(u);
+            }
+            if !settled && e.state != (KeyState::CoolingDown { until }) {
+                new_state = Some(KeyState::CoolingDown { until });
+            }
+        }
+        Some(Fate::Disabled { reason }) => {
+            e.limiter.complete(ticket, now, None);
+            count_failure(e, &reason);
+            if !settled {
+                new_state = Some(KeyState::Disabled {
+                    reason,
+                    since_ms: now.unix_ms,
+                    next_probe: Some(now.mono + reprobe),
+                });
+            }
+        }
+        Some(Fate::QuotaExhausted { reason, reset }) => {
+            e.limiter.complete(ticket, now, None);
+            count_failure(e, QUOTA_EXHAUSTED);
+            if !settled {
+                // Re-probed when the quota comes back, if the provider
+                // said when; else on the usual schedule.
+                let next_probe = reset
+                    .map(|r| resolve_reset(&r, provider_cfg, now))
+                    .unwrap_or(now.mono + reprobe);
+                new_state = Some(KeyState::Disabled {
+                    reason,
+                    since_ms: now.unix_ms,
+                    next_probe: Some(next_probe),
+                });
+            }
+        }
+        Some(Fate::ModelQuota {
+            model: quota_model,
+            reason,
+            reset,
+        }) => {
+            e.limiter.complete(ticket, now, None);
+            count_failure(e, QUOTA_EXHAUSTED);
+            let until = reset
+                .map(|r| resolve_reset(&r, provider_cfg, now))
+                .unwrap_or(now.mono + reprobe);
+            e.park(&quota_model, until, reason, now);
+            // The key answered: it is fine for its other models.
+            if probe {
+                new_state = Some(KeyState::Available);
+            }
+        }
+        Some(Fate::Transient) => {
+            e.limiter.complete(ticket, now, None);
+            count_failure(e, "transient");
+            if let (
+                true,
+                KeyState::Disabled {
+                    reason, since_ms, ..
+                },
+            ) = (probe, &e.state)
+            {
+                // Inconclusive probe: try again after a cooldown.
+                new_state = Some(KeyState::Disabled {
+                    reason: reason.clone(),
+                    since_ms: *since_ms,
+                    next_probe: Some(now.mono + reprobe.min(cooldown)),
+                });
+            }
+        }
+        Some(Fate::Untouched) => {
+            e.limiter.complete(ticket, now, None);
+            count_failure(e, "untouched");
+            if probe {
+                new_state = Some(KeyState::Available);
+            }
+        }
+        Some(Fate::NotSent) => {
+            e.limiter.cancel(ticket, now);
+            refund = true;
+        }
+        None => {
+            e.limiter.complete(ticket, now, None);
+            count_failure(e, "dropped");
+        }
+    }
+    Settled {
+        refund,
+        new_state,
+        spent: 0.0,
+        daily_tokens: charged,
+    }
+}
+
+/// [`apply_fate`] for a call that succeeded: the day is charged the real
+/// usage, the counters grow and a probe brings the key back.
+/// [`apply_fate`] for a call that succeeded: the counters grow, the day is
+/// charged the real usage and a probe brings the key back.
+fn succeeded(
+    e: &mut Entry,
+    ticket: Ticket,
+    (usage_in, usage_out, cost_usd): (u64, u64, f64),
+    at: &FateAt<'_>,
+) -> Settled {
+    let FateAt {
+        probe,
+        model,
+        day,
+        now,
+        ..
+    } = *at;
+    let charged = ticket.tokens();
+    let actual = usage_in + usage_out;
+    e.limiter.complete(ticket, now, Some(actual));
+    e.stats.successes += 1;
+    e.stats.tokens_in += usage_in;
+    e.stats.tokens_out += usage_out;
+    e.stats.cost_usd += cost_usd;
+    let p = &mut e.pending.stats;
+    p.successes += 1;
+    p.tokens_in += usage_in;
+    p.tokens_out += usage_out;
+    p.cost_usd += cost_usd;
+    let u = usage_slot(&mut e.pending.usage, day, model);
+    u.tokens_in += usage_in;
+    u.tokens_out += usage_out;
+    u.cost_usd += cost_usd;
+    Settled {
+        refund: actual < charged,
+        new_state: probe.then_some(KeyState::Available),
+        spent: cost_usd,
+        // The day is charged the real usage instead of the estimate.
+        daily_tokens: actual,
     }
 }
 

@@ -8,6 +8,18 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use secrecy::SecretString;
 
+/// The models jobs ask for.
+const MODELS: [&str; 3] = ["a", "b", "c"];
+
+/// The strategies jobs ask for (`None`: the provider's).
+const STRATEGIES: [Option<Strategy>; 5] = [
+    None,
+    Some(Strategy::RoundRobin),
+    Some(Strategy::Random),
+    Some(Strategy::LeastLoaded),
+    Some(Strategy::Weighted),
+];
+
 fn key(n: u32, rng: &mut StdRng) -> ApiKey {
     let mut k = ApiKey::new(
         KeyId::new("p", n),
@@ -45,11 +57,8 @@ fn could_serve(pool: &KeyPool, req: &AcquireRequest<'_>) -> bool {
     lock(&provider_state(pool).state).could_serve(req, now)
 }
 
-/// Returns how many acquisitions were granted, told to wait, told never, and probes.
-fn run(seed: u64) -> [u32; 4] {
-    let mut tally = [0u32; 4];
-    let mut rng = StdRng::seed_from_u64(seed);
-    let clock = ManualClock::new(1_714_521_600_000);
+/// A provider `p` with random limits and shape.
+fn random_config(rng: &mut StdRng) -> Config {
     let mut config = Config::default();
     config.providers.insert(
         "p".into(),
@@ -70,6 +79,117 @@ fn run(seed: u64) -> [u32; 4] {
         },
     );
     config.keys.reprobe_interval = Duration::from_secs(rng.random_range(30..300));
+    config
+}
+
+/// One random acquisition, checked against the brute-force oracle.
+fn acquire_step(
+    pool: &KeyPool,
+    clock: &ManualClock,
+    rng: &mut StdRng,
+    (seed, step): (u64, u32),
+    held: &mut Vec<Permit>,
+    tally: &mut [u32; 4],
+) {
+    let pinned_id = KeyId::new("p", rng.random_range(0..10));
+    let pinned = rng.random_bool(0.05).then_some(&pinned_id);
+    let req = AcquireRequest {
+        provider: "p",
+        model: MODELS[rng.random_range(0..3)],
+        tokens: rng.random_range(50..2_500),
+        strategy: STRATEGIES[rng.random_range(0..STRATEGIES.len())],
+        pinned,
+        instance: None,
+    };
+    match pool.try_acquire(&req) {
+        Acquire::Granted(p) => {
+            tally[0] += 1;
+            tally[3] += u32::from(p.is_probe());
+            held.push(p);
+        }
+        Acquire::Wait { until, .. } => {
+            tally[1] += 1;
+            let now = clock.now();
+            assert!(until > now, "seed {seed} step {step}: wait until the past");
+            if pinned.is_none() {
+                assert!(
+                    !could_serve(pool, &req),
+                    "seed {seed} step {step}: told to wait but a key can serve"
+                );
+                // Nothing can serve until then (no release in between).
+                let before = until - Duration::from_millis(1);
+                if before > now && rng.random_bool(0.5) {
+                    clock.set(before);
+                    assert!(
+                        !could_serve(pool, &req),
+                        "seed {seed} step {step}: a key could serve before {until:?}"
+                    );
+                }
+            }
+        }
+        Acquire::Never(why) => {
+            tally[2] += 1;
+            if pinned.is_none() {
+                assert!(
+                    !could_serve(pool, &req),
+                    "seed {seed} step {step}: never ({why}) but a key can serve"
+                );
+            }
+        }
+    }
+}
+
+/// A random upstream outcome; `None`: the permit is dropped unreported.
+fn random_fate(rng: &mut StdRng, clock: &ManualClock) -> Option<Fate> {
+    let fate = match rng.random_range(0..20) {
+        0 => Fate::Disabled {
+            reason: AUTH_FAILED.into(),
+        },
+        1..=2 => Fate::RateLimited {
+            retry_after: rng
+                .random_bool(0.5)
+                .then(|| Duration::from_millis(rng.random_range(0..90_000))),
+        },
+        3 => Fate::Transient,
+        4 => Fate::Untouched,
+        5 => Fate::NotSent,
+        7 => Fate::ModelQuota {
+            model: format!(
+                "{}{}",
+                if rng.random_bool(0.5) { "models/" } else { "" },
+                MODELS[rng.random_range(0..3)]
+            ),
+            reason: QUOTA_EXHAUSTED.into(),
+            reset: rng.random_bool(0.7).then(|| QuotaReset::At {
+                unix_ms: clock.unix_ms() + rng.random_range(0..60_000),
+            }),
+        },
+        8 => Fate::QuotaExhausted {
+            reason: QUOTA_EXHAUSTED.into(),
+            reset: match rng.random_range(0..3) {
+                0 => None,
+                1 => Some(QuotaReset::NextDaily),
+                _ => Some(QuotaReset::At {
+                    unix_ms: clock.unix_ms() + rng.random_range(0..120_000),
+                }),
+            },
+        },
+        6 => return None,
+        _ => Fate::Success {
+            usage_in: rng.random_range(0..500),
+            usage_out: rng.random_range(0..500),
+            cost_usd: 0.001,
+        },
+    };
+    Some(fate)
+}
+
+/// Returns how many acquisitions were granted, told to wait, told never, and probes.
+fn run(seed: u64) -> [u32; 4] {
+    let mut tally = [0u32; 4];
+    let mut rng = StdRng::seed_from_u64(seed);
+    let clock = ManualClock::new(1_714_521_600_000);
+    let config = random_config(&mut rng);
     let all: Vec<ApiKey> = (0..rng.random_range(1..9))
         .map(|n| key(n, &mut rng))
         .collect();
@@ -79,111 +199,17 @@ fn run(seed: u64) -> [u32; 4] {
         Arc::new(clock.clone()) as Arc<dyn Clock>,
     );
     let mut held: Vec<Permit> = Vec::new();
-    let models = ["a", "b", "c"];
-    let strategies = [
-        None,
-        Some(Strategy::RoundRobin),
-        Some(Strategy::Random),
-        Some(Strategy::LeastLoaded),
-        Some(Strategy::Weighted),
-    ];
     for step in 0..3_000 {
         let op = rng.random_range(0..100);
         if op < 45 {
-            let pinned_id = KeyId::new("p", rng.random_range(0..10));
-            let pinned = rng.random_bool(0.05).then_some(&pinned_id);
-            let req = AcquireRequest {
-                provider: "p",
-                model: models[rng.random_range(0..3)],
-                tokens: rng.random_range(50..2_500),
-                strategy: strategies[rng.random_range(0..strategies.len())],
-                pinned,
-                instance: None,
-            };
-            match pool.try_acquire(&req) {
-                Acquire::Granted(p) => {
-                    tally[0] += 1;
-                    tally[3] += u32::from(p.is_probe());
-                    held.push(p);
-                }
-                Acquire::Wait { until, .. } => {
-                    tally[1] += 1;
-                    let now = clock.now();
-                    assert!(until > now, "seed {seed} step {step}: wait until the past");
-                    if pinned.is_none() {
-                        assert!(
-                            !could_serve(&pool, &req),
-                            "seed {seed} step {step}: told to wait but a key can serve"
-                        );
-                        // Nothing can serve until then (no release in between).
-                        let before = until - Duration::from_millis(1);
-                        if before > now && rng.random_bool(0.5) {
-                            clock.set(before);
-                            assert!(
-                                !could_serve(&pool, &req),
-                                "seed {seed} step {step}: a key could serve before {until:?}"
-                            );
-                        }
-                    }
-                }
-                Acquire::Never(why) => {
-                    tally[2] += 1;
-                    if pinned.is_none() {
-                        assert!(
-                            !could_serve(&pool, &req),
-                            "seed {seed} step {step}: never ({why}) but a key can serve"
-                        );
-                    }
-                }
-            }
+            acquire_step(&pool, &clock, &mut rng, (seed, step), &mut held, &mut tally);
         } else if op < 80 {
             if !held.is_empty() {
                 let p = held.swap_remove(rng.random_range(0..held.len()));
-                let fate = match rng.random_range(0..20) {
-                    0 => Fate::Disabled {
-                        reason: AUTH_FAILED.into(),
-                    },
-                    1..=2 => Fate::RateLimited {
-                        retry_after: rng
-                            .random_bool(0.5)
-                            .then(|| Duration::from_millis(rng.random_range(0..90_000))),
-                    },
-                    3 => Fate::Transient,
-                    4 => Fate::Untouched,
-                    5 => Fate::NotSent,
-                    7 => Fate::ModelQuota {
-                        model: format!(
-                            "{}{}",
-                            if rng.random_bool(0.5) { "models/" } else { "" },
-                            models[rng.random_range(0..3)]
-                        ),
-                        reason: QUOTA_EXHAUSTED.into(),
-                        reset: rng.random_bool(0.7).then(|| QuotaReset::At {
-                            unix_ms: clock.unix_ms() + rng.random_range(0..60_000),
-                        }),
-                    },
-                    8 => Fate::QuotaExhausted {
-                        reason: QUOTA_EXHAUSTED.into(),
-                        reset: match rng.random_range(0..3) {
-                            0 => None,
-                            1 => Some(QuotaReset::NextDaily),
-                            _ => Some(QuotaReset::At {
-                                unix_ms: clock.unix_ms() + rng.random_range(0..120_000),
-                            }),
-                        },
-                    },
-                    6 => {
-                        drop(p);
-                        check(&pool);
-                        continue;
-                    }
-                    _ => Fate::Success {
-                        usage_in: rng.random_range(0..500),
-                        usage_out: rng.random_range(0..500),
-                        cost_usd: 0.001,
-                    },
-                };
-                pool.report(p, fate);
+                match random_fate(&mut rng, &clock) {
+                    Some(fate) => pool.report(p, fate),
+                    None => drop(p),
+                }
             }
         } else if op < 93 {
             clock.advance(Duration::from_millis(rng.random_range(0..20_000)));

@@ -69,7 +69,7 @@ pub fn config(
     );
     s.push_str(extra);
     s.push('\n');
-    let catalog = llmq::catalog::providers().expect("the built-in catalog parses");
+    let catalog = llmq::config::catalog_providers().expect("the built-in catalog parses");
     for name in catalog.keys() {
         if !providers.iter().any(|p| &p.name == name) {
             s.push_str(&format!("[providers.{name}]\nenabled = false\n\n"));
