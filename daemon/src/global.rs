@@ -9,7 +9,7 @@
 //! | key | type | content |
 //! |---|---|---|
 //! | `llmq:{key:<id>}:win` | zset | admitted calls, member `<seq>:<daemon>:<tokens>`, score = µs the slot was stamped (provisionally admission + [`MAX_CALL`] while in flight, then the completion time) |
-//! | `llmq:{key:<id>}:state` | hash | `disabled`, `reason`, `since_ms`, `next_probe_ms`, `cooling_until_ms`, `proven`, `probe`, `probe_until_ms`, `seq`, `tok` (tokens in the window) |
+//! | `llmq:{key:<id>}:state` | hash | `disabled`, `reason`, `since_ms`, `next_probe_ms`, `cooling_until_ms`, `proven`, `probe`, `probe_until_ms`, `seq`, `tok` (tokens in the window); the one hash of the key's state, shared with the keystore (its fields `pool_*` and counters, see `keystore`) |
 //!
 //! A key of an **account** (quota pool: keys that share one set of limits)
 //! counts its calls in the account's window instead, and keeps its state
@@ -19,7 +19,7 @@
 //! |---|---|---|
 //! | `llmq:{acct:<provider>:<account>}:win` | zset | the calls of every key of the account, as above |
 //! | `llmq:{acct:<provider>:<account>}:meta` | hash | `seq`, `tok` of the account's window |
-//! | `llmq:{acct:<provider>:<account>}:state:<id>` | hash | the key's own state, as above (without `seq`, `tok`) |
+//! | `llmq:{acct:<provider>:<account>}:state:<id>` | hash | the key's own gate state, as above (without `seq`, `tok`; the keystore's fields stay in `llmq:{key:<id>}:state`) |
 //!
 //! The window is the account's, the state (disabled, cooling, probation)
 //! stays the key's. Keeping the key's state under the account's tag, not
@@ -109,9 +109,9 @@ pub fn window_key(id: &KeyId) -> String {
     format!("llmq:{{key:{id}}}:win")
 }
 
-/// See [`window_key`].
+/// See [`window_key`]: the key's one state hash, [`crate::keystore::state_key`].
 pub fn state_key(id: &KeyId) -> String {
-    format!("llmq:{{key:{id}}}:state")
+    crate::keystore::state_key(id)
 }
 
 /// The Redis keys one API key's scripts use, all under one hash tag: its

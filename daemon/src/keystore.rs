@@ -3,7 +3,7 @@
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `llmq:key:<id>` | hash | `status` (available, cooling, disabled), `until_ms`, `reason`, `since_ms`, `next_probe_ms` (Unix ms); lifetime counters `requests`, `successes`, `failures`, `fail:<kind>`, `rate_limited`, `tokens_in`, `tokens_out`, `cost_usd`, `last_used_ms` |
+//! | `llmq:{key:<id>}:state` | hash | the pool's state `pool_status` (available, cooling, disabled), `pool_until_ms`, `pool_reason`, `pool_since_ms`, `pool_next_probe_ms` (Unix ms); lifetime counters `requests`, `successes`, `failures`, `fail:<kind>`, `rate_limited`, `tokens_in`, `tokens_out`, `cost_usd`, `last_used_ms`. The same hash holds the cluster gate's fields (`disabled`, `reason`, …, see `global`): one home per key, the field names never overlap |
 //! | `llmq:daily:<YYYY-MM-DD>:<id>` | hash | `requests`, `tokens` of that day of the key's provider (its `daily_reset`: the date in the provider's zone, from its reset time); expires after 48 h |
 //! | `llmq:usage:<YYYY-MM-DD>` | hash | `<id>\|<model>\|requests`, `…\|tokens_in`, `…\|tokens_out`, `…\|cost_usd` of that UTC day; expires after 40 days |
 //! | `llmq:spend:<YYYY-MM-DD>` | hash | provider → USD spent on that day of the provider (as daily counters); expires after 40 days |
@@ -26,6 +26,11 @@
 //! per key and day (and model, and provider for spend), into
 //! [`PendingCounters`]: memory grows with the number of keys, not with the
 //! length of the outage, and the next flush that lands writes each sum once.
+//!
+//! Older versions stored the pool's fields in a hash of their own,
+//! `llmq:key:<id>` (`status`, `until_ms`, `reason`, `since_ms`,
+//! `next_probe_ms` and the counters); [`KeyStore::load`] folds such a hash
+//! into the new one and deletes it ([`KeyStore::migrate`]).
 //!
 //! Nothing here holds a secret: keys are named by id, values are numbers,
 //! model names and reasons.
@@ -51,10 +56,34 @@ pub const DAILY_TTL_SECS: i64 = 48 * 3600;
 /// Usage and spend are kept for `llmq usage` over the last weeks.
 pub const USAGE_TTL_SECS: i64 = 40 * 24 * 3600;
 
-/// `llmq:key:<id>`.
+/// `llmq:{key:<id>}:state`: the one hash of a key's state, shared with
+/// the cluster gate (`global`), hash-tagged so that it stays in the key's
+/// Redis Cluster slot.
 pub fn state_key(id: &KeyId) -> String {
+    format!("llmq:{{key:{id}}}:state")
+}
+
+/// Where older versions kept the pool's state and counters
+/// (`llmq:key:<id>`); [`KeyStore::load`] migrates it.
+pub fn legacy_state_key(id: &KeyId) -> String {
     format!("llmq:key:{id}")
 }
+
+/// The pool's state fields in [`state_key`] (prefixed: the gate's own
+/// `reason`, `since_ms`, `next_probe_ms` live in the same hash).
+pub const STATUS: &str = "pool_status";
+const UNTIL_MS: &str = "pool_until_ms";
+const REASON: &str = "pool_reason";
+const SINCE_MS: &str = "pool_since_ms";
+const NEXT_PROBE_MS: &str = "pool_next_probe_ms";
+/// The legacy hash's state fields, in the order of their new names.
+const LEGACY_STATE: [(&str, &str); 5] = [
+    ("status", STATUS),
+    ("until_ms", UNTIL_MS),
+    ("reason", REASON),
+    ("since_ms", SINCE_MS),
+    ("next_probe_ms", NEXT_PROBE_MS),
+];
 
 /// `llmq:daily:<YYYY-MM-DD>:<id>`.
 pub fn daily_key(day: u64, id: &KeyId) -> String {
@@ -254,13 +283,13 @@ fn field<T: std::str::FromStr>(h: &HashMap<String, String>, name: &str) -> Optio
 }
 
 fn parse_state(h: &HashMap<String, String>) -> Option<StateRecord> {
-    let status = KeyStatus::parse(h.get("status")?)?;
+    let status = KeyStatus::parse(h.get(STATUS)?)?;
     Some(StateRecord {
         status,
-        until_ms: field(h, "until_ms"),
-        reason: h.get("reason").cloned(),
-        since_ms: field(h, "since_ms"),
-        next_probe_ms: field(h, "next_probe_ms"),
+        until_ms: field(h, UNTIL_MS),
+        reason: h.get(REASON).cloned(),
+        since_ms: field(h, SINCE_MS),
+        next_probe_ms: field(h, NEXT_PROBE_MS),
     })
 }
 
@@ -289,24 +318,24 @@ fn push_state(pipe: &mut redis::Pipeline, ev: &KeyEvent) {
     let r = &ev.record;
     pipe.cmd("HDEL")
         .arg(&key)
-        .arg("until_ms")
-        .arg("reason")
-        .arg("since_ms")
-        .arg("next_probe_ms")
+        .arg(UNTIL_MS)
+        .arg(REASON)
+        .arg(SINCE_MS)
+        .arg(NEXT_PROBE_MS)
         .ignore();
     let mut set = redis::cmd("HSET");
-    set.arg(&key).arg("status").arg(r.status.as_str());
+    set.arg(&key).arg(STATUS).arg(r.status.as_str());
     if let Some(v) = r.until_ms {
-        set.arg("until_ms").arg(v);
+        set.arg(UNTIL_MS).arg(v);
     }
     if let Some(v) = &r.reason {
-        set.arg("reason").arg(v);
+        set.arg(REASON).arg(v);
     }
     if let Some(v) = r.since_ms {
-        set.arg("since_ms").arg(v);
+        set.arg(SINCE_MS).arg(v);
     }
     if let Some(v) = r.next_probe_ms {
-        set.arg("next_probe_ms").arg(v);
+        set.arg(NEXT_PROBE_MS).arg(v);
     }
     pipe.add_command(set).ignore();
     if let Ok(json) = serde_json::to_string(ev) {
@@ -351,6 +380,42 @@ fn push_stats(pipe: &mut redis::Pipeline, key: &str, s: &StatsDelta) {
             .arg(ms)
             .ignore();
     }
+}
+
+/// The commands folding a legacy hash `old` into the state hash `key`
+/// (see [`KeyStore::migrate`]).
+fn fold_legacy(
+    key: &str,
+    old: &HashMap<String, String>,
+    has_state: bool,
+    last_used: Option<u64>,
+) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    if !has_state {
+        for (from, to) in LEGACY_STATE {
+            if let Some(v) = old.get(from) {
+                pipe.cmd("HSET").arg(key).arg(to).arg(v).ignore();
+            }
+        }
+    }
+    if let Some(stats) = parse_stats(old) {
+        let delta = StatsDelta {
+            requests: stats.requests as i64,
+            successes: stats.successes,
+            failures: stats.failures,
+            failures_by_kind: stats.failures_by_kind,
+            rate_limited: stats.rate_limited,
+            tokens_in: stats.tokens_in,
+            tokens_out: stats.tokens_out,
+            cost_usd: stats.cost_usd,
+            last_used_ms: stats
+                .last_used_ms
+                .filter(|&t| last_used.is_none_or(|l| t > l)),
+        };
+        push_stats(&mut pipe, key, &delta);
+    }
+    pipe
 }
 
 /// The whole flush as one pipeline; `None` when there is nothing to write.
@@ -436,6 +501,7 @@ impl KeyStore {
     /// lifetime counters, today's daily counters, and today's spend (each
     /// provider's today, on its `daily_reset` calendar).
     pub async fn load(&self) -> Result<LoadReport> {
+        self.migrate(&self.pool.key_ids()).await?;
         let now = self.now();
         let providers = self.pool.providers();
         let day_of: HashMap<&str, u64> = providers
@@ -507,6 +573,46 @@ impl KeyStore {
             }
         }
         Ok(report)
+    }
+
+    /// Folds each key's legacy hash (`llmq:key:<id>`) into its state hash
+    /// and deletes it; returns how many were folded. The legacy hash is
+    /// read and deleted in one transaction, so of two daemons starting
+    /// together exactly one folds it (counters are added once). Counters add
+    /// up; the legacy state is taken only when the new hash has none (it is
+    /// older than anything written there); `last_used_ms` keeps the later.
+    /// The two hashes lie in different Cluster slots, hence two steps.
+    pub async fn migrate(&self, ids: &[KeyId]) -> Result<usize> {
+        let mut conn = self.conn.clone();
+        let mut folded = 0;
+        for id in ids {
+            let (old, _): (HashMap<String, String>, i64) = redis::pipe()
+                .atomic()
+                .cmd("HGETALL")
+                .arg(legacy_state_key(id))
+                .cmd("DEL")
+                .arg(legacy_state_key(id))
+                .query_async(&mut conn)
+                .await?;
+            if old.is_empty() {
+                continue;
+            }
+            let key = state_key(id);
+            let (has_state, last_used): (bool, Option<u64>) = redis::pipe()
+                .cmd("HEXISTS")
+                .arg(&key)
+                .arg(STATUS)
+                .cmd("HGET")
+                .arg(&key)
+                .arg("last_used_ms")
+                .query_async(&mut conn)
+                .await?;
+            fold_legacy(&key, &old, has_state, last_used)
+                .query_async::<()>(&mut conn)
+                .await?;
+            folded += 1;
+        }
+        Ok(folded)
     }
 
     /// Writes one state change (and publishes it).
@@ -688,10 +794,14 @@ mod tests {
     #[test]
     fn a_state_hash_round_trips() {
         let h: HashMap<String, String> = [
-            ("status", "disabled"),
-            ("reason", "auth_failed"),
-            ("since_ms", "5"),
-            ("next_probe_ms", "9"),
+            ("pool_status", "disabled"),
+            ("pool_reason", "auth_failed"),
+            ("pool_since_ms", "5"),
+            ("pool_next_probe_ms", "9"),
+            // The gate's fields in the same hash are not the pool's.
+            ("reason", "other"),
+            ("since_ms", "1"),
+            ("disabled", "1"),
             ("requests", "3"),
             ("fail:auth_failed", "1"),
             ("cost_usd", "0.5"),
@@ -895,6 +1005,6 @@ mod tests {
         task.abort();
         drop(tx);
         let h = hash(&mut conn, &state_key(&ids[0])).await;
-        assert_eq!(h.get("status").map(String::as_str), Some("available"));
+        assert_eq!(h.get(STATUS).map(String::as_str), Some("available"));
     }
 }

@@ -211,8 +211,8 @@ async fn every_admin_endpoint_against_the_real_daemon() {
         Some("disabled")
     );
     let reason: Option<String> = redis::cmd("HGET")
-        .arg("llmq:key:p#1")
-        .arg("reason")
+        .arg("llmq:{key:p#1}:state")
+        .arg("pool_reason")
         .query(&mut s.redis.client())
         .unwrap();
     assert_eq!(reason.as_deref(), Some("e2e: parked by operator"));
@@ -591,13 +591,13 @@ async fn dashboard_resets_a_disabled_key_in_chromium() {
 }
 
 /// A key's persisted status, read straight from the keystore's Redis hash
-/// (`llmq:key:<id>`, field `status`).
+/// (`llmq:{key:<id>}:state`, field `pool_status`).
 fn keystore_status(redis: &RedisServer, id: &str) -> Option<String> {
     let key = llmq::keystore::state_key(&id.parse().unwrap());
-    assert_eq!(key, format!("llmq:key:{id}"));
+    assert_eq!(key, format!("llmq:{{key:{id}}}:state"));
     redis::cmd("HGET")
         .arg(key)
-        .arg("status")
+        .arg(llmq::keystore::STATUS)
         .query(&mut redis.client())
         .unwrap()
 }

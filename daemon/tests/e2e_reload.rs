@@ -237,14 +237,14 @@ async fn key_state_is_restored_when_redis_comes_back_after_start() {
         // What an earlier run left: p#1 disabled, no probe for an hour.
         let now = llmq::clock::Clock::unix_ms(&llmq::clock::SystemClock::default());
         let _: () = redis::cmd("HSET")
-            .arg("llmq:key:p#1")
-            .arg("status")
+            .arg("llmq:{key:p#1}:state")
+            .arg("pool_status")
             .arg("disabled")
-            .arg("reason")
+            .arg("pool_reason")
             .arg("auth_failed")
-            .arg("since_ms")
+            .arg("pool_since_ms")
             .arg(now)
-            .arg("next_probe_ms")
+            .arg("pool_next_probe_ms")
             .arg(now + 3_600_000)
             .query(&mut redis.client())
             .unwrap();

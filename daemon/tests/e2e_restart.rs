@@ -19,7 +19,7 @@ const BAD: &str = "sk-test-restart-bad-000000003";
 fn key_hash(redis: &RedisServer, id: &str) -> HashMap<String, String> {
     let mut c = redis.client();
     redis::cmd("HGETALL")
-        .arg(format!("llmq:key:{id}"))
+        .arg(format!("llmq:{{key:{id}}}:state"))
         .query(&mut c)
         .unwrap_or_default()
 }
@@ -84,12 +84,14 @@ async fn restart_keeps_disabled_keys_cooldowns_and_daily_counters() {
     assert_eq!(daemon.stop(), Some(0), "SIGTERM exits cleanly");
     let state = key_hash(&redis, "r#3");
     assert_eq!(
-        state.get("status").map(String::as_str),
+        state.get("pool_status").map(String::as_str),
         Some("disabled"),
         "{state:?}"
     );
     assert_eq!(
-        key_hash(&redis, "r#2").get("status").map(String::as_str),
+        key_hash(&redis, "r#2")
+            .get("pool_status")
+            .map(String::as_str),
         Some("cooling")
     );
     let daily_before = daily_requests(&redis, "r#1");

@@ -557,7 +557,7 @@ async fn secrets_never_leave_the_daemon(log_format: &str, level: &str) {
     }
     let dump = dump_redis(&redis);
     for must in [
-        "llmq:key:oa#2",
+        "llmq:{key:oa#2}:state",
         "llmq:result:m-echo-0",
         "llmq:dead",
         "llmq:results",

@@ -357,6 +357,118 @@ async fn a_failed_flush_is_retried_without_losing_counts() {
     assert_eq!(n, 2);
 }
 
+/// Issue 16: key state had two homes, `llmq:key:<id>` (the keystore) and
+/// `llmq:{key:<id>}:state` (the cluster gate). On load, the legacy hash is
+/// folded into the one state hash (its fields renamed, its counters added to
+/// what the new hash already counts, the gate's fields left alone) and
+/// deleted; the restored pool sees the legacy state.
+#[tokio::test]
+async fn load_folds_the_legacy_key_hash_into_the_state_hash_and_deletes_it() {
+    let redis = RedisServer::start();
+    let mut c = conn(&redis).await;
+    let (g0, g1) = (KeyId::new("groq", 0), KeyId::new("groq", 1));
+    let hset = |key: String, fields: &[(&str, String)]| {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(key);
+        for (f, v) in fields {
+            cmd.arg(*f).arg(v);
+        }
+        cmd
+    };
+    let probe_at = BASE_MS + 3_600_000;
+    // groq#0: an old daemon disabled it and counted 5 calls; a new one
+    // already counted 2 more and the gate keeps its own fields there.
+    let old0 = hset(
+        keystore::legacy_state_key(&g0),
+        &[
+            ("status", "disabled".into()),
+            ("reason", AUTH_FAILED.into()),
+            ("since_ms", BASE_MS.to_string()),
+            ("next_probe_ms", probe_at.to_string()),
+            ("requests", "5".into()),
+            ("failures", "1".into()),
+            ("fail:auth_failed", "1".into()),
+            ("cost_usd", "0.25".into()),
+            ("last_used_ms", (BASE_MS - 10).to_string()),
+        ],
+    );
+    let new0 = hset(
+        keystore::state_key(&g0),
+        &[
+            ("requests", "2".into()),
+            ("last_used_ms", (BASE_MS - 5).to_string()),
+            ("proven", "1".into()),
+            ("reason", "the gate's".into()),
+        ],
+    );
+    // groq#1: the new hash already has a (newer) state: the legacy one is
+    // dropped, its counters still count.
+    let old1 = hset(
+        keystore::legacy_state_key(&g1),
+        &[
+            ("status", "cooling".into()),
+            ("until_ms", (BASE_MS + 60_000).to_string()),
+            ("requests", "3".into()),
+        ],
+    );
+    let new1 = hset(
+        keystore::state_key(&g1),
+        &[(keystore::STATUS, "available".into())],
+    );
+    for cmd in [old0, new0, old1, new1] {
+        cmd.query_async::<()>(&mut c).await.unwrap();
+    }
+
+    let (pool, _clock) = pool_at(BASE_MS);
+    let store = KeyStore::connect(&redis.url(), pool.clone()).await.unwrap();
+    let report = store.load().await.unwrap();
+    assert_eq!(report.disabled, vec![g0.clone()], "{report:?}");
+    assert!(report.cooling.is_empty(), "{report:?}");
+    assert!(matches!(pool.state(&g0), Ok(KeyState::Disabled { .. })));
+    assert!(matches!(pool.state(&g1), Ok(KeyState::Available)));
+
+    for id in [&g0, &g1] {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(keystore::legacy_state_key(id))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(!exists, "the legacy hash of {id} is deleted");
+    }
+    let h0: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keystore::state_key(&g0))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let f = |k: &str| h0.get(k).map(String::as_str);
+    assert_eq!(f("pool_status"), Some("disabled"));
+    assert_eq!(f("pool_reason"), Some(AUTH_FAILED));
+    assert_eq!(f("pool_next_probe_ms"), Some(probe_at.to_string().as_str()));
+    assert_eq!(f("requests"), Some("7"), "counters add up: {h0:?}");
+    assert_eq!(f("fail:auth_failed"), Some("1"));
+    assert_eq!(f("cost_usd"), Some("0.25"));
+    assert_eq!(f("last_used_ms"), Some((BASE_MS - 5).to_string().as_str()));
+    assert_eq!(f("proven"), Some("1"), "the gate's fields stay");
+    assert_eq!(f("reason"), Some("the gate's"), "the gate's fields stay");
+    let h1: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keystore::state_key(&g1))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(h1.get("pool_status").map(String::as_str), Some("available"));
+    assert!(!h1.contains_key("pool_until_ms"), "{h1:?}");
+    assert_eq!(h1.get("requests").map(String::as_str), Some("3"));
+    // A second load has nothing left to fold: nothing is counted twice.
+    assert_eq!(store.migrate(&[g0.clone(), g1.clone()]).await.unwrap(), 0);
+    let again: String = redis::cmd("HGET")
+        .arg(keystore::state_key(&g0))
+        .arg("requests")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(again, "7");
+}
+
 /// A provider whose day starts at midnight in Los Angeles, with 4 calls a day.
 fn pacific_pool(unix_ms: u64) -> (KeyPool, ManualClock) {
     let mut c = Config::default();
