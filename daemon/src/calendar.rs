@@ -223,6 +223,32 @@ pub fn day_string(day: i64) -> String {
     }
 }
 
+/// The day number (days since 1970-01-01, before it negative) of a
+/// calendar date written `YYYY-MM-DD`; `None` for anything else or a day
+/// that does not exist (`2024-02-30`).
+pub fn parse_day(day: &str) -> Option<i64> {
+    let mut parts = day.splitn(3, '-');
+    let year: i16 = parts.next()?.parse().ok()?;
+    let month: i8 = parts.next()?.parse().ok()?;
+    let dom: i8 = parts.next()?.parse().ok()?;
+    Date::new(year, month, dom).ok().map(days_since_epoch)
+}
+
+/// RFC 3339 (UTC) of a Unix-ms instant, for messages and timestamps:
+/// `2024-05-01T10:00:00Z`, with a fraction only when there is one.
+pub fn rfc3339_ms(unix_ms: u64) -> String {
+    i64::try_from(unix_ms)
+        .ok()
+        .and_then(|ms| Timestamp::from_millisecond(ms).ok())
+        .map_or_else(|| format!("{unix_ms} ms"), |t| t.to_string())
+}
+
+/// The current UTC time in RFC 3339 (to the nanosecond the system clock
+/// gives).
+pub fn now_rfc3339() -> String {
+    Timestamp::now().to_string()
+}
+
 /// The UTC day of a Unix-milliseconds time (for reports kept in UTC days,
 /// such as `llmq usage`).
 pub fn utc_day(unix_ms: u64) -> i64 {
@@ -317,6 +343,26 @@ impl<'de> serde::Deserialize<'de> for DailyReset {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rfc3339_and_day_parsing() {
+        use super::*;
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_ms(1_714_557_600_000), "2024-05-01T10:00:00Z");
+        assert_eq!(rfc3339_ms(1_714_557_600_250), "2024-05-01T10:00:00.25Z");
+        assert_eq!(rfc3339_ms(u64::MAX), format!("{} ms", u64::MAX));
+        let now = now_rfc3339();
+        assert!(now.ends_with('Z') && now.len() >= 20, "{now}");
+        assert_eq!(parse_day("1970-01-01"), Some(0));
+        assert_eq!(parse_day("2024-05-01"), Some(utc_day(1_714_557_600_000)));
+        assert_eq!(parse_day("1969-12-31"), Some(-1));
+        assert_eq!(parse_day("2024-02-30"), None);
+        assert_eq!(parse_day("2024-13-01"), None);
+        assert_eq!(parse_day("yesterday"), None);
+        for day in [0, 19_844, 47_481] {
+            assert_eq!(parse_day(&day_string(day)), Some(day));
+        }
+    }
+
     use super::*;
 
     /// Unix ms of an RFC 3339 instant.

@@ -178,14 +178,7 @@ pub fn key_view(s: &KeySnapshot, now_ms: u64) -> KeyView {
 
 /// Days since 1970-01-01 of a `YYYY-MM-DD` day (UTC).
 fn day_number(day: &str) -> Option<u64> {
-    let mut parts = day.splitn(3, '-');
-    let year: i32 = parts.next()?.parse().ok()?;
-    let month: u8 = parts.next()?.parse().ok()?;
-    let dom: u8 = parts.next()?.parse().ok()?;
-    let date =
-        time::Date::from_calendar_date(year, time::Month::try_from(month).ok()?, dom).ok()?;
-    let epoch = time::Date::from_calendar_date(1970, time::Month::January, 1).ok()?;
-    u64::try_from((date - epoch).whole_days()).ok()
+    u64::try_from(crate::calendar::parse_day(day)?).ok()
 }
 
 impl Control {

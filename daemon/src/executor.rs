@@ -988,7 +988,7 @@ impl Tries {
     ) -> Fate {
         let until = reset
             .as_ref()
-            .map(|r| crate::pool::rfc3339_ms(rt.pool.quota_reset_ms(&route.provider, r)));
+            .map(|r| crate::calendar::rfc3339_ms(rt.pool.quota_reset_ms(&route.provider, r)));
         let until_text = until
             .as_ref()
             .map(|u| format!(" until {u}"))

@@ -816,12 +816,8 @@ impl JobResult {
     }
 }
 
-/// The current UTC time in RFC 3339.
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
+/// The current UTC time in RFC 3339 (see [`crate::calendar`]).
+pub use crate::calendar::now_rfc3339;
 
 /// Free-form metadata map type (kept for callers that build metadata).
 pub type Metadata = BTreeMap<String, serde_json::Value>;

@@ -145,12 +145,7 @@ fn check_day(day: &str) -> Result<(), AdminError> {
     if !shape_ok {
         return Err(bad());
     }
-    let year: i32 = day[0..4].parse().map_err(|_| bad())?;
-    let month: u8 = day[5..7].parse().map_err(|_| bad())?;
-    let dom: u8 = day[8..10].parse().map_err(|_| bad())?;
-    let month = time::Month::try_from(month).map_err(|_| bad())?;
-    time::Date::from_calendar_date(year, month, dom).map_err(|_| bad())?;
-    Ok(())
+    crate::calendar::parse_day(day).map(|_| ()).ok_or_else(bad)
 }
 
 async fn routes_get(

@@ -211,14 +211,7 @@ fn print_keys(views: &[KeyView]) {
         };
         let last = v
             .last_used_ms
-            .and_then(|ms| {
-                time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
-            })
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_else(|| "-".into());
+            .map_or_else(|| "-".into(), crate::calendar::rfc3339_ms);
         let mut reason = v.reason.clone().unwrap_or_default();
         for p in &v.parked_models {
             if !reason.is_empty() {
@@ -227,7 +220,7 @@ fn print_keys(views: &[KeyView]) {
             reason.push_str(&format!(
                 "{} parked until {}",
                 p.model,
-                crate::pool::rfc3339_ms(p.until_ms)
+                crate::calendar::rfc3339_ms(p.until_ms)
             ));
         }
         println!(

@@ -31,6 +31,7 @@
 mod provider;
 mod ready;
 
+use crate::calendar::rfc3339_ms;
 use crate::clock::SharedClock;
 use crate::config::{Config, LimitShape, Limits, ProviderConfig};
 use crate::job::Strategy;
@@ -445,17 +446,6 @@ pub fn model_key(model: &str) -> &str {
 /// Pacific midnight for Gemini), when per-day quotas come back.
 pub(crate) fn next_daily_reset(provider: &ProviderConfig, now: Now) -> Duration {
     now.mono_at(provider.daily_reset.next_after(now.unix_ms))
-}
-
-/// RFC 3339 (UTC) of a Unix-ms instant, for messages.
-pub fn rfc3339_ms(unix_ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("{unix_ms} ms"))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
