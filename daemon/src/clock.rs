@@ -33,11 +33,25 @@ impl Clock for SystemClock {
     }
 
     fn unix_ms(&self) -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
+        unix_ms_now()
     }
+}
+
+/// The wall clock in Unix milliseconds (0 before 1970), for code that has
+/// no [`Clock`] at hand: heartbeats, log throttles, queue timestamps.
+pub fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Monotonic milliseconds since `epoch`, plus one: never 0, so that an
+/// atomic holding 0 can mean "never" (last PING answered, last activity).
+pub fn ms_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis())
+        .unwrap_or(u64::MAX - 1)
+        .saturating_add(1)
 }
 
 /// A clock that only moves when told to.
@@ -88,5 +102,19 @@ mod tests {
         c.advance(Duration::from_millis(1500));
         assert_eq!(c.now(), Duration::from_millis(1500));
         assert_eq!(c.unix_ms(), 2_500);
+    }
+
+    #[test]
+    fn helpers_read_the_real_clocks() {
+        let before = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let now = unix_ms_now();
+        assert!(now >= before && now - before < 60_000, "{before} {now}");
+        assert!(SystemClock::default().unix_ms() >= now);
+        let epoch = Instant::now();
+        assert!(ms_since(epoch) >= 1, "never 0");
+        assert!(ms_since(epoch - Duration::from_secs(2)) >= 2_001);
     }
 }

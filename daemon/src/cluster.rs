@@ -49,14 +49,6 @@ pub struct Member {
     pub last_seen_ms: u64,
 }
 
-/// Now, as Unix ms (the member timestamps).
-pub(crate) fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -90,7 +82,7 @@ impl Membership {
                 consumer: consumer.to_string(),
                 host: hostname(),
                 pid: std::process::id(),
-                started_ms: wall_ms(),
+                started_ms: crate::clock::unix_ms_now(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 last_seen_ms: 0,
             },
@@ -110,7 +102,7 @@ impl Membership {
     /// Writes this daemon's entry and renews its liveness key.
     pub async fn beat(&self) -> Result<()> {
         let me = Member {
-            last_seen_ms: wall_ms(),
+            last_seen_ms: crate::clock::unix_ms_now(),
             ..self.me.clone()
         };
         let json = serde_json::to_string(&me).map_err(|e| Error::Other(e.to_string()))?;

@@ -59,9 +59,7 @@ struct ProbeState {
 
 impl ProbeState {
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis())
-            .unwrap_or(u64::MAX - 1)
-            .saturating_add(1)
+        crate::clock::ms_since(self.epoch)
     }
 
     /// Records one probe; logs when the state changes.

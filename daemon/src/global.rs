@@ -662,13 +662,6 @@ impl std::fmt::Debug for GlobalGate {
     }
 }
 
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
@@ -755,12 +748,7 @@ fn reprobe_after(fate: &Fate, limits: &KeyLimits) -> Duration {
         Fate::QuotaExhausted {
             reset: Some(llmq_sdk::QuotaReset::At { unix_ms }),
             ..
-        } => {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            Duration::from_millis(unix_ms.saturating_sub(now_ms))
-        }
+        } => Duration::from_millis(unix_ms.saturating_sub(crate::clock::unix_ms_now())),
         _ => limits.reprobe,
     }
 }
@@ -1234,7 +1222,7 @@ impl GlobalGate {
     }
 
     fn warn(&self, key: &KeyId, what: &str, e: &dyn std::fmt::Display) {
-        let now = wall_ms();
+        let now = crate::clock::unix_ms_now();
         let last = self.warned_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= 10_000
             && self

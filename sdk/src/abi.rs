@@ -219,15 +219,21 @@ fn err_json(err: &PluginError) -> RawResult {
     }
 }
 
-/// The text of a panic payload (`panic!("…")` carries a `&str` or a `String`).
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+/// The text of a panic payload (`panic!("…")` carries a `&str` or a
+/// `String`), `None` for any other payload. Shared with the daemon, which
+/// reports its own panics the same way.
+#[doc(hidden)]
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
     if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
+        Some(s)
     } else {
-        "plugin panicked".to_string()
+        payload.downcast_ref::<String>().map(String::as_str)
     }
+}
+
+/// [`panic_text`], or "plugin panicked".
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    panic_text(payload).unwrap_or("plugin panicked").to_string()
 }
 
 fn panic_result(payload: Box<dyn std::any::Any + Send>) -> RawResult {
@@ -311,4 +317,21 @@ pub unsafe extern "C" fn shim_parse<P: Plugin>(input: *const u8, len: usize) -> 
             ))),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_payloads_give_their_text() {
+        let text = |p: Box<dyn std::any::Any + Send>| panic_text(p.as_ref()).map(str::to_owned);
+        assert_eq!(text(Box::new("static")).as_deref(), Some("static"));
+        assert_eq!(
+            text(Box::new(String::from("owned"))).as_deref(),
+            Some("owned")
+        );
+        assert_eq!(text(Box::new(7_u8)), None);
+        assert_eq!(panic_message(&7_u8), "plugin panicked");
+    }
 }

@@ -300,9 +300,7 @@ impl Conns {
 
     /// Milliseconds since the server started, plus one (0 means "none").
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis())
-            .unwrap_or(u64::MAX - 1)
-            .saturating_add(1)
+        crate::clock::ms_since(self.epoch)
     }
 
     /// Admits a new connection, evicting the longest-idle one at the cap;

@@ -17,7 +17,7 @@ pub(crate) async fn command(g: &GlobalArgs) -> Result<i32> {
         println!("no llmq daemon is running on {}", config.redis.url);
         return Ok(exit::OK);
     }
-    let now = cluster::wall_ms();
+    let now = crate::clock::unix_ms_now();
     println!(
         "{:<44} {:<20} {:>8} {:<10} {:>10} {:>10}",
         "CONSUMER", "HOST", "PID", "VERSION", "UP", "SEEN"

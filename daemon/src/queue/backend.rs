@@ -202,13 +202,9 @@ fn crash_requested(job: &Job) -> bool {
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".into()
-    }
+    llmq_sdk::abi::panic_text(p)
+        .unwrap_or("unknown panic")
+        .to_string()
 }
 
 /// An attempt with no upstream call behind it.

@@ -127,7 +127,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 /// Entries fetched per round trip at most.
@@ -268,13 +268,8 @@ impl Shared {
     }
 }
 
-/// Current Unix time in ms.
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+/// Current Unix time in ms (the one wall-clock helper, under the queue's name).
+pub(crate) use crate::clock::unix_ms_now as unix_ms;
 
 /// Exponential backoff for Redis outages: 100 ms doubling to 5 s.
 #[derive(Debug)]
