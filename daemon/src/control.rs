@@ -6,8 +6,8 @@
 //! after a flush, so it includes the calls of the last second.
 
 use crate::admin::{
-    AdminBackend, AdminError, KeyLimits, KeyStatus as ViewStatus, KeyView, LaneDepth, QueueView,
-    Readiness, UsageCount, UsageRow,
+    AdminBackend, AdminError, KeyLimits, KeyView, KeyViewStatus, LaneDepth, QueueView, Readiness,
+    UsageCount, UsageRow,
 };
 use crate::executor::Executor;
 use crate::keys::KeyId;
@@ -140,9 +140,9 @@ pub fn key_view(s: &KeySnapshot, now_ms: u64) -> KeyView {
         masked: s.masked.clone(),
         account: s.account.clone(),
         status: match s.status {
-            KeyStatus::Available => ViewStatus::Available,
-            KeyStatus::Cooling => ViewStatus::Cooling,
-            KeyStatus::Disabled => ViewStatus::Disabled,
+            KeyStatus::Available => KeyViewStatus::Available,
+            KeyStatus::Cooling => KeyViewStatus::Cooling,
+            KeyStatus::Disabled => KeyViewStatus::Disabled,
         },
         reason: s.reason.clone(),
         cooldown_until_ms: s.cooldown_until_ms,
@@ -226,7 +226,7 @@ impl AdminBackend for Control {
             for v in &mut views {
                 let plugin = rt.config.providers.get(&v.provider).map(|p| &p.plugin);
                 if let Some(why) = plugin.and_then(|p| rt.plugins.unavailable(p)) {
-                    v.status = ViewStatus::Disabled;
+                    v.status = KeyViewStatus::Disabled;
                     v.reason = Some(why);
                 }
             }

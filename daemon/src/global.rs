@@ -1063,25 +1063,16 @@ impl GlobalGate {
             Admit::Granted(call) => return Some((permit, call)),
             Admit::Wait { wait, .. } => {
                 let wait_ms = (wait.as_micros() as u64).div_ceil(1000).max(1);
-                pool.observe(
-                    &id,
-                    &ObservedLimits {
-                        requests_remaining: Some(0),
-                        requests_reset_ms: Some(wait_ms),
-                        ..Default::default()
-                    },
-                );
+                pool.hold_back(&id, Duration::from_millis(wait_ms), "cluster window full");
             }
             Admit::Cooling(left) => {
                 // Blocked for the cooldown even where the local state says
                 // more (disabled, due for a probe): never asked again sooner.
-                pool.observe(
+                let left_ms = (left.as_millis() as u64).max(1);
+                pool.hold_back(
                     &id,
-                    &ObservedLimits {
-                        requests_remaining: Some(0),
-                        requests_reset_ms: Some((left.as_millis() as u64).max(1)),
-                        ..Default::default()
-                    },
+                    Duration::from_millis(left_ms),
+                    "cooling in the cluster",
                 );
                 let record = StateRecord {
                     status: KeyStatus::Cooling,
@@ -1108,13 +1099,11 @@ impl GlobalGate {
                     .next_probe_in
                     .unwrap_or(DISABLED_RECHECK)
                     .clamp(Duration::from_millis(1), DISABLED_RECHECK);
-                pool.observe(
+                let hold_ms = hold.as_millis() as u64;
+                pool.hold_back(
                     &id,
-                    &ObservedLimits {
-                        requests_remaining: Some(0),
-                        requests_reset_ms: Some(hold.as_millis() as u64),
-                        ..Default::default()
-                    },
+                    Duration::from_millis(hold_ms),
+                    "disabled in the cluster",
                 );
                 apply(pool, &id, record, now);
             }

@@ -8,7 +8,9 @@ mod fake_admin;
 use std::net::SocketAddr;
 
 use fake_admin::{serve_admin, FakeBackend, FAKE_MASKED, FAKE_SECRET};
-use llmq::admin::{check_listen, AdminError, KeyStatus, KeyView, QueueView, Readiness, UsageRow};
+use llmq::admin::{
+    check_listen, AdminError, KeyView, KeyViewStatus, QueueView, Readiness, UsageRow,
+};
 use reqwest::{Method, StatusCode};
 use secrecy::SecretString;
 use serde_json::{json, Value};
@@ -178,7 +180,7 @@ async fn reset_clears_a_key_and_unknown_ids_are_404() {
     let view: KeyView = serde_json::from_str(&text).unwrap();
     assert_eq!(
         (view.id.as_str(), view.status),
-        ("groq#1", KeyStatus::Available)
+        ("groq#1", KeyViewStatus::Available)
     );
     assert_eq!(fake.resets(), vec!["groq#1".to_owned()]);
 
@@ -210,7 +212,7 @@ async fn disable_takes_an_optional_reason() {
     .await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let view: KeyView = serde_json::from_str(&text).unwrap();
-    assert_eq!(view.status, KeyStatus::Disabled);
+    assert_eq!(view.status, KeyViewStatus::Disabled);
     assert_eq!(view.reason.as_deref(), Some("over budget"));
 
     let (status, _, _) = call(
@@ -586,7 +588,7 @@ async fn no_secret_in_any_response() {
 
 #[test]
 fn wire_types_round_trip() {
-    let k = fake_admin::key("groq#2", KeyStatus::Cooling);
+    let k = fake_admin::key("groq#2", KeyViewStatus::Cooling);
     let back: KeyView = serde_json::from_str(&serde_json::to_string(&k).unwrap()).unwrap();
     assert_eq!(back, k);
     // Optional fields may be absent (older daemons, hand-written fakes).

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chromium::{dump_dom, require_chromium, Browser};
 use fake_admin::{key, serve_admin, FakeBackend, FAKE_SECRET};
-use llmq::admin::KeyStatus;
+use llmq::admin::KeyViewStatus;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -21,8 +21,8 @@ const WAIT: Duration = Duration::from_secs(15);
 async fn dump_dom_shows_every_key_row() {
     let bin = require_chromium("dump_dom_shows_every_key_row");
     let fake = FakeBackend::new(vec![
-        key("x#1", KeyStatus::Disabled),
-        key("x#2", KeyStatus::Available),
+        key("x#1", KeyViewStatus::Disabled),
+        key("x#2", KeyViewStatus::Available),
     ]);
     let srv = serve_admin(fake, None).await;
     let dom = dump_dom(&bin, &format!("{}/", srv.base), 3000).await;
@@ -51,8 +51,8 @@ async fn reset_button_resets_a_disabled_key() {
     let bin = require_chromium("reset_button_resets_a_disabled_key");
     let token = "dash-token-123";
     let fake = FakeBackend::new(vec![
-        key("x#1", KeyStatus::Disabled),
-        key("x#2", KeyStatus::Cooling),
+        key("x#1", KeyViewStatus::Disabled),
+        key("x#2", KeyViewStatus::Cooling),
     ]);
     let srv = serve_admin(fake.clone(), Some(token)).await;
     let browser = Browser::launch(&bin).await;

@@ -17,7 +17,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 
 use super::auth::{require_token, Auth};
-use super::{AdminBackend, AdminError, KeyStatus, KeyView, QueueView};
+use super::{AdminBackend, AdminError, KeyView, KeyViewStatus, QueueView};
 use ::metrics::gauge;
 
 /// The dashboard: one self-contained page, no build step, no CDN.
@@ -269,7 +269,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, AdminEr
 /// Sets `llmq_key_state{key,state}`: 1 for the key's state, 0 for the others,
 /// so a state change never leaves two states at 1.
 fn set_key_state(key: &KeyView) {
-    for state in KeyStatus::ALL {
+    for state in KeyViewStatus::ALL {
         let value = if state == key.status { 1.0 } else { 0.0 };
         gauge!(crate::metrics::KEY_STATE, "key" => key.id.clone(), "state" => state.as_str())
             .set(value);

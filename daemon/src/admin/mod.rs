@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 
 pub use server::{connection_cap, raise_nofile_limit, serve_with, ServerLimits, FD_SHARE};
 pub use types::{
-    KeyLimits, KeyStatus, KeyView, LaneDepth, ParkedModel, QueueView, Readiness, UsageCount,
+    KeyLimits, KeyView, KeyViewStatus, LaneDepth, ParkedModel, QueueView, Readiness, UsageCount,
     UsageRow,
 };
 

@@ -5,10 +5,11 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A key's state as the router sees it.
+/// A key's state as the admin API shows it (`KeyView::status`); the
+/// pool's own, persisted one is `pool::KeyStatus`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum KeyStatus {
+pub enum KeyViewStatus {
     /// Usable now (it may still be at a limit; see `window`/`today`).
     Available,
     /// Temporarily parked after a 429, until `cooldown_until_ms`.
@@ -17,20 +18,20 @@ pub enum KeyStatus {
     Disabled,
 }
 
-impl KeyStatus {
+impl KeyViewStatus {
     /// Every status, in a fixed order (used for the `llmq_key_state` gauge).
-    pub const ALL: [KeyStatus; 3] = [
-        KeyStatus::Available,
-        KeyStatus::Cooling,
-        KeyStatus::Disabled,
+    pub const ALL: [KeyViewStatus; 3] = [
+        KeyViewStatus::Available,
+        KeyViewStatus::Cooling,
+        KeyViewStatus::Disabled,
     ];
 
     /// The wire name: `available`, `cooling` or `disabled`.
     pub fn as_str(self) -> &'static str {
         match self {
-            KeyStatus::Available => "available",
-            KeyStatus::Cooling => "cooling",
-            KeyStatus::Disabled => "disabled",
+            KeyViewStatus::Available => "available",
+            KeyViewStatus::Cooling => "cooling",
+            KeyViewStatus::Disabled => "disabled",
         }
     }
 }
@@ -68,7 +69,7 @@ pub struct KeyView {
     /// keys; `limits`, `window` and `today` are then the account's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account: Option<String>,
-    pub status: KeyStatus,
+    pub status: KeyViewStatus,
     /// Why the key is disabled or cooling, if it is.
     #[serde(default)]
     pub reason: Option<String>,

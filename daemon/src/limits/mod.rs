@@ -200,7 +200,7 @@ pub fn strictest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 /// Which limit refused a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Gate {
+pub enum LimitKind {
     Concurrency,
     Rpm,
     Tpm,
@@ -212,21 +212,21 @@ pub enum Gate {
     UpstreamTokens,
 }
 
-impl Gate {
+impl LimitKind {
     pub fn as_str(self) -> &'static str {
         match self {
-            Gate::Concurrency => "concurrency",
-            Gate::Rpm => "rpm",
-            Gate::Tpm => "tpm",
-            Gate::Rpd => "rpd",
-            Gate::Tpd => "tpd",
-            Gate::UpstreamRequests => "upstream_requests",
-            Gate::UpstreamTokens => "upstream_tokens",
+            LimitKind::Concurrency => "concurrency",
+            LimitKind::Rpm => "rpm",
+            LimitKind::Tpm => "tpm",
+            LimitKind::Rpd => "rpd",
+            LimitKind::Tpd => "tpd",
+            LimitKind::UpstreamRequests => "upstream_requests",
+            LimitKind::UpstreamTokens => "upstream_tokens",
         }
     }
 }
 
-impl fmt::Display for Gate {
+impl fmt::Display for LimitKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -237,11 +237,15 @@ impl fmt::Display for Gate {
 pub enum Refusal {
     /// No such call passes before `until` (clock time). A lower bound: a
     /// check at `until` may still refuse, for another reason.
-    Until { until: Duration, gate: Gate },
+    Until { until: Duration, kind: LimitKind },
     /// Every concurrency slot is in flight: room comes with a completion.
     Busy,
     /// This call can never pass: it alone asks more than the limit.
-    Never { gate: Gate, limit: u64, asked: u64 },
+    Never {
+        kind: LimitKind,
+        limit: u64,
+        asked: u64,
+    },
 }
 
 impl Refusal {
@@ -256,10 +260,10 @@ impl Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refusal::Until { until, gate } => write!(f, "{gate} full until {until:?}"),
+            Refusal::Until { until, kind } => write!(f, "{kind} full until {until:?}"),
             Refusal::Busy => f.write_str("all concurrency slots in flight"),
-            Refusal::Never { gate, limit, asked } => {
-                write!(f, "asks {asked} but the {gate} limit is {limit}")
+            Refusal::Never { kind, limit, asked } => {
+                write!(f, "asks {asked} but the {kind} limit is {limit}")
             }
         }
     }
@@ -328,6 +332,11 @@ pub trait Admission: Send + fmt::Debug {
     fn cancel(&mut self, ticket: Ticket, now: Now);
     /// Limits read from the upstream's rate-limit headers.
     fn observe(&mut self, seen: &ObservedLimits, now: Now);
+    /// Refuses every call until `until` (clock time; a later hold wins):
+    /// the cluster gate refused the key, so asking sooner is pointless.
+    /// Refusals say [`LimitKind::UpstreamRequests`], as for an upstream's
+    /// "no requests remain": the quota is out of calls until then.
+    fn hold_back(&mut self, until: Duration);
     fn usage(&mut self, now: Now) -> LimiterUsage;
     /// Adds today's counts restored from storage.
     fn restore_daily(&mut self, now: Now, requests: u64, tokens: u64);
@@ -545,16 +554,16 @@ impl Quota {
         if let Some(tpd) = eff.tpd {
             if tokens > tpd {
                 return Err(Refusal::Never {
-                    gate: Gate::Tpd,
+                    kind: LimitKind::Tpd,
                     limit: tpd,
                     asked: tokens,
                 });
             }
         }
-        let mut worst: Option<(Duration, Gate)> = None;
-        let mut later = |until: Duration, gate: Gate| {
+        let mut worst: Option<(Duration, LimitKind)> = None;
+        let mut later = |until: Duration, kind: LimitKind| {
             if worst.is_none_or(|(t, _)| until > t) {
-                worst = Some((until, gate));
+                worst = Some((until, kind));
             }
         };
         if let Some(m) = self.meters.as_mut() {
@@ -562,44 +571,44 @@ impl Quota {
                 Ok(()) => {}
                 Err(Block::Never(limit)) => {
                     return Err(Refusal::Never {
-                        gate: Gate::Tpm,
+                        kind: LimitKind::Tpm,
                         limit,
                         asked: tokens,
                     })
                 }
-                Err(Block::Until(t)) => later(t, Gate::Tpm),
+                Err(Block::Until(t)) => later(t, LimitKind::Tpm),
             }
             match m.check_requests(now.mono) {
                 Ok(()) => {}
                 // A zero rpm: nothing ever passes this key.
                 Err(Block::Never(limit)) => {
                     return Err(Refusal::Never {
-                        gate: Gate::Rpm,
+                        kind: LimitKind::Rpm,
                         limit,
                         asked: 1,
                     })
                 }
-                Err(Block::Until(t)) => later(t, Gate::Rpm),
+                Err(Block::Until(t)) => later(t, LimitKind::Rpm),
             }
         }
         if self.blocked_requests > now.mono {
-            later(self.blocked_requests, Gate::UpstreamRequests);
+            later(self.blocked_requests, LimitKind::UpstreamRequests);
         }
         if tokens > 0 && self.blocked_tokens > now.mono {
-            later(self.blocked_tokens, Gate::UpstreamTokens);
+            later(self.blocked_tokens, LimitKind::UpstreamTokens);
         }
         if let Some(rpd) = eff.rpd {
             if self.daily.requests >= rpd {
-                later(self.next_reset(now), Gate::Rpd);
+                later(self.next_reset(now), LimitKind::Rpd);
             }
         }
         if let Some(tpd) = eff.tpd {
             if self.daily.tokens + tokens > tpd {
-                later(self.next_reset(now), Gate::Tpd);
+                later(self.next_reset(now), LimitKind::Tpd);
             }
         }
         match worst {
-            Some((until, gate)) => Err(Refusal::Until { until, gate }),
+            Some((until, kind)) => Err(Refusal::Until { until, kind }),
             None => Ok(()),
         }
     }
@@ -636,6 +645,10 @@ impl Quota {
             self.daily.requests = self.daily.requests.saturating_sub(1);
             self.daily.tokens = self.daily.tokens.saturating_sub(ticket.tokens);
         }
+    }
+
+    fn hold_back(&mut self, until: Duration) {
+        self.blocked_requests = self.blocked_requests.max(until);
     }
 
     fn observe(&mut self, seen: &ObservedLimits, now: Now) {
@@ -865,6 +878,10 @@ impl Admission for LocalLimiter {
         self.quota.with(|q| q.observe(seen, now));
     }
 
+    fn hold_back(&mut self, until: Duration) {
+        self.quota.with(|q| q.hold_back(until));
+    }
+
     fn usage(&mut self, now: Now) -> LimiterUsage {
         LimiterUsage {
             in_flight: self.in_flight,
@@ -933,6 +950,9 @@ impl Admission for Limiter {
     }
     fn observe(&mut self, seen: &ObservedLimits, now: Now) {
         self.inner().observe(seen, now)
+    }
+    fn hold_back(&mut self, until: Duration) {
+        self.inner().hold_back(until)
     }
     fn usage(&mut self, now: Now) -> LimiterUsage {
         self.inner().usage(now)

@@ -116,8 +116,8 @@ fn rolling_window_never_lets_n_plus_one_into_any_upstream_window() {
                     tickets.push(Some(ticket));
                     pending.push(std::cmp::Reverse((t + latency, tickets.len() - 1)));
                 }
-                Err(Refusal::Until { until, gate }) => {
-                    assert_eq!(gate, Gate::Rpm);
+                Err(Refusal::Until { until, kind }) => {
+                    assert_eq!(kind, LimitKind::Rpm);
                     assert!(until > Duration::from_millis(t), "seed {seed}");
                 }
                 Err(other) => panic!("seed {seed}: unexpected {other:?}"),
@@ -148,7 +148,7 @@ fn the_earliest_pass_time_given_is_exact() {
         refusal,
         Refusal::Until {
             until: secs(60),
-            gate: Gate::Rpm
+            kind: LimitKind::Rpm
         }
     );
     assert!(l.check(at_ms(59_999), 0).is_err());
@@ -189,7 +189,7 @@ fn token_bucket_admits_the_gcra_pattern() {
         l.check(at(0), 0),
         Err(Refusal::Until {
             until: secs(20),
-            gate: Gate::Rpm
+            kind: LimitKind::Rpm
         })
     );
 }
@@ -209,14 +209,14 @@ fn token_bucket_tpm_takes_n_cells_and_refuses_more_than_the_burst() {
         l.check(at(0), 200),
         Err(Refusal::Until {
             until: secs(10),
-            gate: Gate::Tpm
+            kind: LimitKind::Tpm
         })
     );
     assert!(l.check(at(0), 100).is_ok());
     assert!(matches!(
         l.check(at(0), 601),
         Err(Refusal::Never {
-            gate: Gate::Tpm,
+            kind: LimitKind::Tpm,
             limit: 600,
             asked: 601
         })
@@ -239,14 +239,14 @@ fn tpm_is_charged_up_front() {
         l.check(at(1), 500),
         Err(Refusal::Until {
             until: secs(61),
-            gate: Gate::Tpm
+            kind: LimitKind::Tpm
         })
     );
     assert!(l.check(at(1), 400).is_ok());
     assert_eq!(
         l.check(at(1), 1001),
         Err(Refusal::Never {
-            gate: Gate::Tpm,
+            kind: LimitKind::Tpm,
             limit: 1000,
             asked: 1001
         })
@@ -300,7 +300,7 @@ fn upstream_remaining_zero_blocks_until_its_reset() {
         l.check(at(10), 1),
         Err(Refusal::Until {
             until: secs(15),
-            gate: Gate::UpstreamRequests
+            kind: LimitKind::UpstreamRequests
         })
     );
     assert!(l.check(at(15), 1).is_ok());
@@ -364,7 +364,7 @@ fn a_stricter_upstream_limit_is_adopted_and_a_looser_one_ignored() {
     assert!(matches!(
         l.check(at(0), 301),
         Err(Refusal::Never {
-            gate: Gate::Tpm,
+            kind: LimitKind::Tpm,
             ..
         })
     ));
@@ -415,13 +415,13 @@ fn daily_caps_roll_over_at_utc_midnight() {
         l.check(now(2), 100),
         Err(Refusal::Until {
             until: secs(60),
-            gate: Gate::Rpd
+            kind: LimitKind::Rpd
         })
     );
     assert_eq!(
         l.check(now(2), 1_001),
         Err(Refusal::Never {
-            gate: Gate::Tpd,
+            kind: LimitKind::Tpd,
             limit: 1_000,
             asked: 1_001
         })
@@ -554,7 +554,7 @@ fn rpd_rolls_over_at_pacific_midnight_not_utc_midnight() {
         l.check(Now::of(&clock), 1),
         Err(Refusal::Until {
             until: secs(4 * 3600),
-            gate: Gate::Rpd
+            kind: LimitKind::Rpd
         })
     );
     // UTC midnight has passed (the clock started after it) and an hour

@@ -687,6 +687,23 @@ impl KeyPool {
         }
     }
 
+    /// Grants no call on a key for `hold`: the cluster gate refused it (a
+    /// full window, a cooldown or a disabled key elsewhere; `why` says
+    /// which, for the log), so this daemon does not ask again sooner. The
+    /// key's state and limits are untouched; a key of an account holds the
+    /// account's quota back, as an upstream's "no requests remain" would.
+    /// An unknown key is ignored (a reload removed it).
+    pub fn hold_back(&self, id: &KeyId, hold: Duration, why: &str) {
+        if let Some(p) = self.provider(id.provider()) {
+            let now = self.inner.now();
+            let mut st = lock(&p.state);
+            if let Some(idx) = st.index_of(id) {
+                tracing::trace!(key = %id, ?hold, why, "pool: key held back");
+                st.hold_back(idx, now.mono + hold);
+            }
+        }
+    }
+
     fn with_key<T>(
         &self,
         id: &KeyId,

@@ -1157,6 +1157,10 @@ impl ProviderState {
         self.keys[idx as usize].limiter.observe(seen, now);
     }
 
+    pub fn hold_back(&mut self, idx: u32, until: Duration) {
+        self.keys[idx as usize].limiter.hold_back(until);
+    }
+
     // ----- snapshots and persistence -----------------------------------------
 
     pub fn snapshot(&mut self, idx: u32, now: Now) -> KeySnapshot {

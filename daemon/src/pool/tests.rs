@@ -344,3 +344,49 @@ fn a_dropped_probe_permit_frees_the_probe_at_once_with_an_unknown_fate() {
     });
     assert_eq!(snap(&pool).status, KeyStatus::Available);
 }
+
+/// Issue 16: the cluster gate held keys back by faking an upstream's "0
+/// requests remaining" header. `hold_back` says so: no grant before the
+/// hold ends (a shorter hold does not shorten it), the key's state and
+/// counters untouched, and a grant again once it ends.
+#[test]
+fn a_held_back_key_is_granted_nothing_until_the_hold_ends() {
+    let clock = ManualClock::new(1_714_521_600_000);
+    let mut config = Config::default();
+    config
+        .providers
+        .insert("p".into(), ProviderConfig::default());
+    let id = KeyId::new("p", 1);
+    let ring = KeyRing::from_keys([ApiKey::new(
+        id.clone(),
+        Some(SecretString::from("secret-1")),
+        "test",
+    )]);
+    let pool = KeyPool::new(&config, &ring, Arc::new(clock.clone()) as Arc<dyn Clock>);
+    let req = AcquireRequest {
+        provider: "p",
+        model: "a",
+        tokens: 10,
+        strategy: None,
+        pinned: Some(&id),
+        instance: None,
+    };
+    pool.hold_back(&id, Duration::from_secs(2), "test");
+    pool.hold_back(&id, Duration::from_millis(500), "a shorter hold");
+    pool.hold_back(&KeyId::new("p", 9), Duration::from_secs(1), "unknown key");
+    match pool.try_acquire(&req) {
+        Acquire::Wait { until, .. } => assert_eq!(until, Duration::from_secs(2)),
+        other => panic!("expected a wait for the hold, got {other:?}"),
+    }
+    let k = pool.snapshot().into_iter().find(|k| k.id == id).unwrap();
+    assert_eq!(k.status, KeyStatus::Available);
+    assert_eq!((k.stats.requests, k.in_flight), (0, 0));
+    clock.advance(Duration::from_millis(1_999));
+    assert!(!matches!(pool.try_acquire(&req), Acquire::Granted(_)));
+    clock.advance(Duration::from_millis(1));
+    match pool.try_acquire(&req) {
+        Acquire::Granted(p) => p.report(Fate::NotSent),
+        other => panic!("expected a grant after the hold, got {other:?}"),
+    }
+    check(&pool);
+}

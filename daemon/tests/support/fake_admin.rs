@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::future::BoxFuture;
 use llmq::admin::{
-    AdminBackend, AdminError, KeyLimits, KeyStatus, KeyView, LaneDepth, QueueView, Readiness,
+    AdminBackend, AdminError, KeyLimits, KeyView, KeyViewStatus, LaneDepth, QueueView, Readiness,
     UsageCount, UsageRow,
 };
 use secrecy::SecretString;
@@ -74,9 +74,9 @@ impl FakeBackend {
     /// The usual fixture: `groq#1` disabled, `groq#2` cooling, `openai#0` available.
     pub fn standard() -> Arc<FakeBackend> {
         FakeBackend::new(vec![
-            key("groq#1", KeyStatus::Disabled),
-            key("groq#2", KeyStatus::Cooling),
-            key("openai#0", KeyStatus::Available),
+            key("groq#1", KeyViewStatus::Disabled),
+            key("groq#2", KeyViewStatus::Cooling),
+            key("openai#0", KeyViewStatus::Available),
         ])
     }
 
@@ -108,7 +108,7 @@ fn now_ms() -> u64 {
 }
 
 /// A key view with some usage, masked as [`FAKE_MASKED`].
-pub fn key(id: &str, status: KeyStatus) -> KeyView {
+pub fn key(id: &str, status: KeyViewStatus) -> KeyView {
     let (provider, instance) = id.split_once('#').unwrap();
     KeyView {
         id: id.into(),
@@ -118,12 +118,12 @@ pub fn key(id: &str, status: KeyStatus) -> KeyView {
         account: None,
         status,
         reason: match status {
-            KeyStatus::Disabled => Some("auth_failed: invalid API key".into()),
-            KeyStatus::Cooling => Some("rate_limited".into()),
-            KeyStatus::Available => None,
+            KeyViewStatus::Disabled => Some("auth_failed: invalid API key".into()),
+            KeyViewStatus::Cooling => Some("rate_limited".into()),
+            KeyViewStatus::Available => None,
         },
-        cooldown_until_ms: (status == KeyStatus::Cooling).then(|| now_ms() + 90_000),
-        cooldown_remaining_ms: (status == KeyStatus::Cooling).then_some(90_000),
+        cooldown_until_ms: (status == KeyViewStatus::Cooling).then(|| now_ms() + 90_000),
+        cooldown_remaining_ms: (status == KeyViewStatus::Cooling).then_some(90_000),
         limits: KeyLimits {
             rpm: Some(30),
             tpm: Some(6000),
@@ -167,7 +167,7 @@ impl AdminBackend for FakeBackend {
         let id = id.to_owned();
         Box::pin(async move {
             let v = self.update(&id, |k| {
-                k.status = KeyStatus::Available;
+                k.status = KeyViewStatus::Available;
                 k.reason = None;
                 k.cooldown_until_ms = None;
                 k.cooldown_remaining_ms = None;
@@ -181,7 +181,7 @@ impl AdminBackend for FakeBackend {
         let (id, reason) = (id.to_owned(), reason.to_owned());
         Box::pin(async move {
             let v = self.update(&id, |k| {
-                k.status = KeyStatus::Disabled;
+                k.status = KeyViewStatus::Disabled;
                 k.reason = Some(reason.clone());
             })?;
             self.state().disables.push((id, reason));
