@@ -52,10 +52,11 @@ fn entry_ms(entry_id: &str) -> i128 {
 /// Unix ms of a record's `at` (RFC 3339, written as the daemon dead-lettered it).
 fn at_ms(rec: &serde_json::Value) -> i128 {
     let at = rec["at"].as_str().expect("record has `at`");
-    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
-        .expect("`at` is RFC 3339")
-        .unix_timestamp_nanos()
-        / 1_000_000
+    i128::from(
+        at.parse::<jiff::Timestamp>()
+            .expect("`at` is RFC 3339")
+            .as_millisecond(),
+    )
 }
 
 fn job_with(id: &str, extra: &str) -> String {

@@ -146,9 +146,10 @@ fn calls(mock: &MockServer, label: &str) -> u64 {
 
 /// A result's `finished_at` (RFC 3339) as Unix ms.
 fn unix_ms(rfc3339: &str) -> u64 {
-    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+    let t: jiff::Timestamp = rfc3339
+        .parse()
         .unwrap_or_else(|e| panic!("finished_at {rfc3339:?}: {e}"));
-    (t.unix_timestamp_nanos() / 1_000_000) as u64
+    t.as_millisecond() as u64
 }
 
 /// The admin API of a daemon, over HTTP.
