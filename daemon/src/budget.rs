@@ -33,6 +33,9 @@ struct Ledger {
     day: i64,
     /// The provider's current day, cached (no zone math per check).
     today: CachedDay,
+    /// The cap's view of today's spend: derived (seeded from the pool,
+    /// raised by settles and by the cluster-wide `llmq:spend` total),
+    /// never written back; see ARCHITECTURE.md, "Where spend lives".
     spent: f64,
     reserved: f64,
 }

@@ -949,7 +949,10 @@ impl KeyPool {
         }
     }
 
-    /// A provider's spend today (its own day), from reported costs.
+    /// A provider's spend today (its own day): restored from `llmq:spend`
+    /// at start plus the costs reported since. The write side of spend (the
+    /// keystore flushes its increments); the budget's cap reads its own
+    /// derived ledger (ARCHITECTURE.md, "Where spend lives").
     pub fn spend_today(&self, provider: &str) -> f64 {
         let now = self.inner.now();
         self.provider(provider)
