@@ -127,8 +127,8 @@
 use crate::budget::{BudgetCheck, Budgets, Reservation};
 use crate::clock::SharedClock;
 use crate::config::Config;
-use crate::failure::{Answer, CallFailure, Failure, Prune, Retry, Site};
-use crate::global::GlobalCall;
+use crate::failure::{Answer, CallFailure, Failure, Prune, Retry, Site, Verdict};
+use crate::global::{GateError, GlobalCall};
 use crate::job::{
     Attempt, FailureKind, FinishReason, Job, JobResult, ModelResponse, ResultError, ResultMessage,
     Status, Tier, UsageOut,
@@ -335,8 +335,9 @@ impl Executor {
             let grant = match self.admit(rt, grant).await {
                 Ok(Some(grant)) => grant,
                 Ok(None) => continue,
-                Err((permit, failure)) => {
+                Err((permit, e)) => {
                     // The gate could not be asked: nothing was sent.
+                    let failure = Failure::of_gate(&e);
                     let next = tries.apply(rt, permit.key_id(), &failure, now);
                     settle(rt, permit, None, failure.key.fate());
                     match next {
@@ -366,11 +367,11 @@ impl Executor {
                 observe(rt, &key_id, limits);
             }
             let (fate, next) = match verdict {
-                Ok(answer) => (
+                Verdict::Answered(answer) => (
                     succeeded(&mut branch, &route, &key_id, answer),
                     Next::Succeeded,
                 ),
-                Err(failure) => {
+                Verdict::Failed(failure) => {
                     log_failure(&key_id, &failure);
                     let next = tries.apply(rt, &key_id, &failure, now);
                     (failure.key.fate(), next)
@@ -404,25 +405,23 @@ impl Executor {
     /// limits, state and probation across every daemon on this Redis
     /// (global.rs). `None` when it refused: the job re-plans at once, and
     /// the grant's guards give back the permit and the reservation. When
-    /// the gate cannot be asked, the permit comes back with the failure
-    /// (the reservation is given back).
+    /// the gate cannot be asked, the permit comes back with the gate's
+    /// error, to be classified like any failure (the reservation is given
+    /// back).
     async fn admit(
         &self,
         rt: &Runtime,
         mut grant: Grant,
-    ) -> Result<Option<Grant>, (Permit, Failure)> {
+    ) -> Result<Option<Grant>, (Permit, GateError)> {
         let Some(gate) = &rt.global else {
             return Ok(Some(grant));
         };
-        match gate.admit_permit(&rt.pool, grant.permit).await {
-            Ok(Some((permit, call))) => {
-                grant.permit = permit;
-                grant.gate = Some(call);
-                Ok(Some(grant))
-            }
-            Ok(None) => Ok(None),
-            Err((permit, e)) => Err((permit, Failure::of_gate(&e))),
-        }
+        let Some((permit, call)) = gate.admit_permit(&rt.pool, grant.permit).await? else {
+            return Ok(None);
+        };
+        grant.permit = permit;
+        grant.gate = Some(call);
+        Ok(Some(grant))
     }
 
     /// **Call**: prepare → send → parse on the granted key, bounded by the
@@ -474,31 +473,31 @@ impl Executor {
                 let verdict = Failure::of_outcome(p.outcome, &message, site);
                 (Some(p.limits), verdict)
             }
-            Err(failure) => (None, Err(Failure::of_call(&failure, site))),
+            Err(failure) => (None, Verdict::Failed(Failure::of_call(&failure, site))),
         };
         let ended = self.clock.now();
         // Nothing is billed unless the call succeeded.
         let reservation = match &verdict {
-            Ok(_) => Some(reservation),
-            Err(_) => {
+            Verdict::Answered(_) => Some(reservation),
+            Verdict::Failed(_) => {
                 reservation.release();
                 None
             }
         };
         if let (Some(gate), Some(call)) = (&rt.global, gate_call) {
             let fate = match &verdict {
-                Ok(a) => Fate::Success {
+                Verdict::Answered(a) => Fate::Success {
                     usage_in: a.usage.input_tokens,
                     usage_out: a.usage.output_tokens,
                     cost_usd: 0.0,
                 },
-                Err(f) => f.key.gate_fate(),
+                Verdict::Failed(f) => f.key.gate_fate(),
             };
             gate.complete(call, &fate).await;
         }
         let outcome_name = match &verdict {
-            Ok(_) => Outcome::KINDS[0].to_string(),
-            Err(f) => f.outcome.to_string(),
+            Verdict::Answered(_) => "success".to_string(),
+            Verdict::Failed(f) => f.outcome.to_string(),
         };
         attempts.push(Attempt {
             provider: route.provider.to_string(),
@@ -588,7 +587,7 @@ struct Called {
     /// The limits the upstream's answer showed, when it answered.
     limits: Option<ObservedLimits>,
     /// The answer, or the failure classified.
-    verdict: Result<Answer, Failure>,
+    verdict: Verdict,
     ended: Duration,
 }
 

@@ -205,6 +205,13 @@ impl KeyEffect {
     }
 }
 
+/// How a call ended: an answer, or a failure classified.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Answered(Answer),
+    Failed(Failure),
+}
+
 /// A successful answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
@@ -257,7 +264,7 @@ impl Failure {
 
     /// The plugin's reading of an answer: the answer, or what failed.
     /// `message` is the upstream's (redacted) message.
-    pub fn of_outcome(outcome: Outcome, message: &str, at: Site<'_>) -> Result<Answer, Failure> {
+    pub fn of_outcome(outcome: Outcome, message: &str, at: Site<'_>) -> Verdict {
         let name = at.route.name();
         let key = at.key;
         let kind = outcome.name();
@@ -268,7 +275,7 @@ impl Failure {
                 finish_reason,
                 refusal,
             } => {
-                return Ok(Answer {
+                return Verdict::Answered(Answer {
                     text,
                     usage,
                     finish_reason,
@@ -352,7 +359,7 @@ impl Failure {
                     .because(why)
             }
         };
-        Err(f)
+        Verdict::Failed(f)
     }
 
     /// A call that got no answer to parse.
@@ -559,7 +566,10 @@ mod tests {
             key: &k,
             reset_at,
         };
-        Failure::of_outcome(o, "upstream says no", at).expect_err("a failure")
+        match Failure::of_outcome(o, "upstream says no", at) {
+            Verdict::Failed(f) => f,
+            Verdict::Answered(a) => panic!("a failure, not {a:?}"),
+        }
     }
 
     fn network(e: NetError) -> Failure {
@@ -588,11 +598,13 @@ mod tests {
         };
         let success = Outcome::Success {
             text: "hi".into(),
-            usage: usage.clone(),
+            usage,
             finish_reason: Some(FinishReason::Stop),
             refusal: None,
         };
-        let answer = Failure::of_outcome(success, "", at).expect("an answer");
+        let Verdict::Answered(answer) = Failure::of_outcome(success, "", at) else {
+            panic!("a success is an answer");
+        };
         assert_eq!((answer.text.as_str(), answer.usage), ("hi", usage));
 
         let mut seen: Vec<&str> = vec!["success"];
