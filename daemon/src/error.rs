@@ -1,7 +1,10 @@
-//! The daemon's one error type. Like pingora's, it knows whether the failed
-//! operation may be retried, so callers decide by asking rather than by
-//! matching on every variant.
+//! The daemon's error types for what crosses a module boundary at start-up,
+//! in the CLI and in the queue loop. A failed *call* (an upstream answer, a
+//! network error, a plugin or cluster-gate failure) is not an `Error`: it is
+//! classified once into a [`crate::failure::Failure`], which says whether
+//! and where retrying may help and what it means for the key.
 
+use crate::job::JobError;
 use std::path::PathBuf;
 
 /// Every error that crosses a module boundary in the daemon.
@@ -16,6 +19,9 @@ pub enum Error {
     },
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The job queue (its config, Redis, a job or result it cannot read).
+    #[error(transparent)]
+    Queue(#[from] QueueError),
     #[error("plugin: {0}")]
     PluginLoad(#[from] llmq_sdk::host::LoadError),
     #[error("plugin call: {0}")]
@@ -30,18 +36,31 @@ pub enum Error {
     Other(String),
 }
 
+/// Queue errors. Defined here, below `queue`, so that [`Error`] can wrap
+/// them typed (`queue` re-exports it).
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    InvalidJob(#[from] JobError),
+    #[error("invalid lane {0:?}: expected 1-64 characters of A-Z a-z 0-9 - _")]
+    InvalidLane(String),
+    #[error("queue config: {0}")]
+    Config(String),
+    #[error("unreadable result for job {id}: {message}")]
+    BadResult { id: String, message: String },
+    #[error("the queue runtime failed: {0}")]
+    Runtime(String),
+}
+
 impl Error {
-    /// True when trying the same operation again later may succeed.
-    pub fn retryable(&self) -> bool {
-        match self {
-            Error::Redis(e) => !matches!(e.retry_method(), redis::RetryMethod::NoRetry),
-            Error::Upstream { .. } | Error::Io(_) => true,
-            Error::Config { .. }
-            | Error::PluginLoad(_)
-            | Error::PluginCall(_)
-            | Error::NoPlugin { .. }
-            | Error::Other(_) => false,
-        }
+    /// True for a setup the operator must fix (exit code `CONFIG`).
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            Error::Config { .. } | Error::Queue(QueueError::Config(_))
+        )
     }
 
     pub fn config(

@@ -24,9 +24,11 @@
 //!    `min(remaining deadline, [upstream] timeout)`; then the reservation is
 //!    given back unless the call succeeded, the gate's call is completed
 //!    and the attempt recorded.
-//! 6. **classify** (`Tries::classify_answer`, `Tries::classify_failure`):
-//!    what the answer means for the key (a [`Fate`]) and for the job: try
-//!    again, succeeded, or failed.
+//! 6. **classify** ([`Failure`], `Tries::apply`): the answer or failure,
+//!    classified in one place (`failure`): what it means for the key (its
+//!    [`KeyEffect`](crate::failure::KeyEffect), reported as a [`Fate`]) and
+//!    for the job: try again (the plan pruned, the key backed off or held),
+//!    succeeded, or failed.
 //! 7. **settle** (`settle`): the reservation is settled with the real cost
 //!    and the key's fate is reported to the pool.
 //!
@@ -125,19 +127,20 @@
 use crate::budget::{BudgetCheck, Budgets, Reservation};
 use crate::clock::SharedClock;
 use crate::config::Config;
-use crate::global::GlobalCall;
+use crate::failure::{Answer, CallFailure, Failure, Prune, Retry, Site, Verdict};
+use crate::global::{GateError, GlobalCall};
 use crate::job::{
     Attempt, FailureKind, FinishReason, Job, JobResult, ModelResponse, ResultError, ResultMessage,
     Status, Tier, UsageOut,
 };
 use crate::keys::KeyId;
 use crate::plugin_host::PluginHost;
-use crate::pool::{model_key, Acquire, AcquireRequest, Fate, KeyPool, Permit};
+use crate::pool::{Acquire, AcquireRequest, Fate, KeyPool, Permit};
 use crate::queue::{Disposition, JobContext, JobHandler};
 use crate::router::{Route, RouteTable};
-use crate::upstream::{NetError, Upstream};
+use crate::upstream::Upstream;
 use futures::future::BoxFuture;
-use llmq_sdk::{ChatRequest, Outcome, PrepareInput, ProviderInfo, QuotaScope};
+use llmq_sdk::{ChatRequest, ObservedLimits, Outcome, PrepareInput, ProviderInfo};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -329,8 +332,19 @@ impl Executor {
                 }
                 Pick::Fail((kind, msg)) => return fail(branch, kind, msg, now),
             };
-            let Some(grant) = self.admit(rt, grant).await else {
-                continue;
+            let grant = match self.admit(rt, grant).await {
+                Ok(Some(grant)) => grant,
+                Ok(None) => continue,
+                Err((permit, e)) => {
+                    // The gate could not be asked: nothing was sent.
+                    let failure = Failure::of_gate(&e);
+                    let next = tries.apply(rt, permit.key_id(), &failure, now);
+                    settle(rt, permit, None, failure.key.fate());
+                    match next {
+                        Next::Fail(kind, msg) => return fail(branch, kind, msg, now),
+                        Next::Again | Next::Succeeded => continue,
+                    }
+                }
             };
             // One upstream call on this key, after `now - waiting_since` of waiting.
             metrics::histogram!(crate::metrics::LIMITER_WAIT_SECONDS)
@@ -345,12 +359,23 @@ impl Executor {
                 permit,
                 key_id,
                 reservation,
-                outcome,
+                limits,
+                verdict,
                 ..
             } = called;
-            let (fate, next) = match outcome {
-                Ok(parsed) => tries.classify_answer(rt, &mut branch, &route, &key_id, parsed, now),
-                Err(failure) => tries.classify_failure(&route, key_id, failure, now),
+            if let Some(limits) = limits {
+                observe(rt, &key_id, limits);
+            }
+            let (fate, next) = match verdict {
+                Verdict::Answered(answer) => (
+                    succeeded(&mut branch, &route, &key_id, answer),
+                    Next::Succeeded,
+                ),
+                Verdict::Failed(failure) => {
+                    log_failure(&key_id, &failure);
+                    let next = tries.apply(rt, &key_id, &failure, now);
+                    (failure.key.fate(), next)
+                }
             };
             settle(rt, permit, reservation, fate);
             match next {
@@ -379,15 +404,24 @@ impl Executor {
     /// **Admit**: the cluster gate (`[cluster] enabled`) keeps the key's
     /// limits, state and probation across every daemon on this Redis
     /// (global.rs). `None` when it refused: the job re-plans at once, and
-    /// the grant's guards give back the permit and the reservation.
-    async fn admit(&self, rt: &Runtime, mut grant: Grant) -> Option<Grant> {
+    /// the grant's guards give back the permit and the reservation. When
+    /// the gate cannot be asked, the permit comes back with the gate's
+    /// error, to be classified like any failure (the reservation is given
+    /// back).
+    async fn admit(
+        &self,
+        rt: &Runtime,
+        mut grant: Grant,
+    ) -> Result<Option<Grant>, (Permit, GateError)> {
         let Some(gate) = &rt.global else {
-            return Some(grant);
+            return Ok(Some(grant));
         };
-        let (permit, call) = gate.admit_permit(&rt.pool, grant.permit).await?;
+        let Some((permit, call)) = gate.admit_permit(&rt.pool, grant.permit).await? else {
+            return Ok(None);
+        };
         grant.permit = permit;
         grant.gate = Some(call);
-        Some(grant)
+        Ok(Some(grant))
     }
 
     /// **Call**: prepare → send → parse on the granted key, bounded by the
@@ -411,42 +445,59 @@ impl Executor {
         let key_id = permit.key_id().clone();
         let call_started = self.clock.now();
         let span = tracing::info_span!("call", provider = %route.provider, model = %route.model, key = %key_id);
-        let outcome = self
+        let raw = self
             .call(rt, &route, job, permit.secret(), deadline)
             .instrument(span)
-            .await
-            .map(|mut p| {
+            .await;
+        let site = Site {
+            route: &route,
+            key: &key_id,
+            reset_at: None,
+        };
+        let (limits, verdict) = match raw {
+            Ok(mut p) => {
                 // Upstream messages sometimes quote the key ("Incorrect API key
                 // provided: sk-…"): never let it into results or logs.
-                p.message = p
+                let message = p
                     .message
-                    .map(|m| redact(&m, permit.secret(), permit.masked()));
+                    .map(|m| redact(&m, permit.secret(), permit.masked()))
+                    .unwrap_or_default();
                 // A per-day quota comes back at the provider's next daily
                 // reset: one instant for the pool and the cluster gate alike.
                 rt.pool.resolve_reset(&route.provider, &mut p.outcome);
-                p
-            });
+                let reset_at = quota_reset_at(rt, &route.provider, &p.outcome);
+                let site = Site {
+                    reset_at: reset_at.as_deref(),
+                    ..site
+                };
+                let verdict = Failure::of_outcome(p.outcome, &message, site);
+                (Some(p.limits), verdict)
+            }
+            Err(failure) => (None, Verdict::Failed(Failure::of_call(&failure, site))),
+        };
         let ended = self.clock.now();
         // Nothing is billed unless the call succeeded.
-        let reservation = match &outcome {
-            Ok(p) if matches!(p.outcome, Outcome::Success { .. }) => Some(reservation),
-            _ => {
+        let reservation = match &verdict {
+            Verdict::Answered(_) => Some(reservation),
+            Verdict::Failed(_) => {
                 reservation.release();
                 None
             }
         };
         if let (Some(gate), Some(call)) = (&rt.global, gate_call) {
-            let fate = match &outcome {
-                Ok(p) => Fate::from_outcome(&p.outcome, 0.0),
-                Err(CallFailure::Network(e)) => network_fate(e),
-                Err(CallFailure::Plugin(_)) => Fate::Untouched,
+            let fate = match &verdict {
+                Verdict::Answered(a) => Fate::Success {
+                    usage_in: a.usage.input_tokens,
+                    usage_out: a.usage.output_tokens,
+                    cost_usd: 0.0,
+                },
+                Verdict::Failed(f) => f.key.gate_fate(),
             };
             gate.complete(call, &fate).await;
         }
-        let outcome_name = match &outcome {
-            Ok(p) => p.outcome.name().to_string(),
-            Err(CallFailure::Plugin(_)) => "plugin_error".to_string(),
-            Err(CallFailure::Network(e)) => network_outcome(e).to_string(),
+        let outcome_name = match &verdict {
+            Verdict::Answered(_) => "success".to_string(),
+            Verdict::Failed(f) => f.outcome.to_string(),
         };
         attempts.push(Attempt {
             provider: route.provider.to_string(),
@@ -465,7 +516,8 @@ impl Executor {
             permit,
             key_id,
             reservation,
-            outcome,
+            limits,
+            verdict,
             ended,
         }
     }
@@ -484,10 +536,7 @@ impl Executor {
         secret: Option<&str>,
         deadline: Duration,
     ) -> Result<llmq_sdk::Parsed, CallFailure> {
-        let plugin = rt
-            .plugins
-            .handle(&route.plugin)
-            .map_err(|e| CallFailure::Plugin(e.to_string()))?;
+        let plugin = rt.plugins.handle(&route.plugin)?;
         let input = PrepareInput {
             request: ChatRequest {
                 model: route.model.to_string(),
@@ -503,22 +552,15 @@ impl Executor {
                 options: route.info.options.clone(),
             },
         };
-        let request = plugin
-            .prepare(&input)
-            .await
-            .map_err(|e| CallFailure::Plugin(e.to_string()))?;
+        let request = plugin.prepare(&input).await?;
         let clock = self.clock.clone();
         // A call never outlives its job.
         let remaining = deadline.saturating_sub(self.clock.now());
         let response = self
             .upstream
             .send(request, remaining, move || clock.unix_ms())
-            .await
-            .map_err(CallFailure::Network)?;
-        plugin
-            .parse(&response)
-            .await
-            .map_err(|e| CallFailure::Plugin(e.to_string()))
+            .await?;
+        Ok(plugin.parse(&response).await?)
     }
 }
 
@@ -542,7 +584,10 @@ struct Called {
     key_id: KeyId,
     /// Still held only when the call succeeded (to be settled).
     reservation: Option<Reservation>,
-    outcome: Result<llmq_sdk::Parsed, CallFailure>,
+    /// The limits the upstream's answer showed, when it answered.
+    limits: Option<ObservedLimits>,
+    /// The answer, or the failure classified.
+    verdict: Verdict,
     ended: Duration,
 }
 
@@ -592,10 +637,11 @@ struct Tries {
     /// wait histogram gets one observation per call).
     waiting_since: Duration,
     backoff_until: HashMap<KeyId, Duration>,
-    /// Keys that refused this job's request as too large, per route: out
-    /// for this job (the pool skips them), and the upstream's last word.
+    /// Keys pruned from a route for this job ([`Prune::KeyOnRoute`]: the
+    /// request is too large for them), per route: the pool skips them.
     too_large: HashMap<String, Vec<KeyId>>,
-    too_large_message: String,
+    /// How the job ends when every key of every route refused it.
+    too_large_end: Option<(FailureKind, String)>,
     /// Routes not to ask again before a time (all their ready keys back off).
     held: HashMap<String, Duration>,
     last_upstream_error: Option<String>,
@@ -639,7 +685,7 @@ impl Tries {
             waiting_since: started,
             backoff_until: HashMap::new(),
             too_large: HashMap::new(),
-            too_large_message: String::new(),
+            too_large_end: None,
             held: HashMap::new(),
             last_upstream_error: None,
         })
@@ -768,21 +814,16 @@ impl Tries {
 
     /// Why no route is live (none can serve, now or later).
     fn dead_end(&self, never: Vec<String>) -> (FailureKind, String) {
-        if !self.too_large.is_empty()
-            && self
+        if let Some(end) = &self.too_large_end {
+            if self
                 .routes
                 .iter()
                 .all(|r| self.too_large.contains_key(&r.name()))
-        {
-            // Every key of every route said the request is larger than it
-            // may ever take: no wait or retry can help.
-            return (
-                FailureKind::InvalidRequest,
-                format!(
-                    "request_too_large: every key of every route refused the request as too large; last: {}",
-                    self.too_large_message
-                ),
-            );
+            {
+                // Every key of every route said the request is larger than
+                // it may ever take: no wait or retry can help.
+                return end.clone();
+            }
         }
         (
             FailureKind::NoRoute,
@@ -790,270 +831,123 @@ impl Tries {
         )
     }
 
-    /// **Classify** a call that got no answer to parse: the key's fate and
-    /// the job's next step.
-    fn classify_failure(
-        &mut self,
-        route: &Route,
-        key_id: KeyId,
-        failure: CallFailure,
-        now: Duration,
-    ) -> (Fate, Next) {
-        let e = match failure {
-            CallFailure::Plugin(msg) => {
-                return (Fate::Untouched, Next::Fail(FailureKind::Upstream, msg))
+    /// **Classify**: a failure's retry applied to the job's plan (the
+    /// route or provider pruned, the key backed off for the job or held for
+    /// every job, or another key asked at once); the job's next step.
+    fn apply(&mut self, rt: &Runtime, key_id: &KeyId, failure: &Failure, now: Duration) -> Next {
+        if let Some(note) = &failure.note {
+            self.last_upstream_error = Some(note.clone());
+        }
+        let fail = || Next::Fail(failure.kind, failure.reason.clone());
+        match &failure.retry {
+            Retry::Never => fail(),
+            Retry::AnotherKey => Next::Again,
+            Retry::After(pause) => {
+                hold(rt, key_id, *pause);
+                Next::Again
             }
-            CallFailure::Network(e) => e,
-        };
-        let fate = network_fate(&e);
-        let msg = e.to_string();
-        match e {
-            NetError::Deadline(_) => {
-                let why = format!(
-                    "deadline reached during the call to {} on {key_id}",
-                    route.name()
-                );
-                return (fate, Next::Fail(FailureKind::Deadline, why));
+            Retry::Backoff => {
+                self.transient_tries += 1;
+                if self.transient_tries >= MAX_TRANSIENT_TRIES {
+                    let msg = format!("{} {}", self.transient_tries, failure.reason);
+                    return Next::Fail(failure.kind, msg);
+                }
+                self.backoff_until
+                    .insert(key_id.clone(), now + backoff(self.transient_tries));
+                Next::Again
             }
-            NetError::BadRequest(_) => {
-                let why = format!(
-                    "plugin {} built a request that cannot be sent: {msg}",
-                    route.plugin
-                );
-                return (fate, Next::Fail(FailureKind::Upstream, why));
+            Retry::Prune(Prune::KeyOnRoute { route, key }) => {
+                self.too_large
+                    .entry(route.clone())
+                    .or_default()
+                    .push(key.clone());
+                self.too_large_end = Some((failure.kind, failure.reason.clone()));
+                Next::Again
             }
-            NetError::Tls(_) => {
-                // The setup (CA, proxy, URL) is at fault, not the key, and
-                // every key of this provider shares its base URL.
-                let provider = route.provider.clone();
-                tracing::warn!(provider = %provider, error = %msg, "TLS failure: provider dropped for this job");
-                self.routes.retain(|r| r.provider != provider);
-                let why = format!(
-                    "provider {provider} ({}): {msg}; check [upstream] ca_file or SSL_CERT_FILE/SSL_CERT_DIR",
-                    route.info.base_url
-                );
+            Retry::Prune(prune) => {
+                self.routes.retain(|r| prune.keeps(r));
                 if self.routes.is_empty() {
-                    return (fate, Next::Fail(FailureKind::Upstream, why));
-                }
-                self.last_upstream_error = Some(why);
-                return (fate, Next::Again);
-            }
-            _ => {}
-        }
-        self.last_upstream_error = Some(msg.clone());
-        let next = self.transient(key_id, now, || format!("transient failures; last: {msg}"));
-        (fate, next)
-    }
-
-    /// One more transient failure: the key backs off for this job, or the
-    /// job fails as `exhausted` after [`MAX_TRANSIENT_TRIES`].
-    fn transient(&mut self, key_id: KeyId, now: Duration, what: impl Fn() -> String) -> Next {
-        self.transient_tries += 1;
-        if self.transient_tries >= MAX_TRANSIENT_TRIES {
-            let msg = format!("{} {}", self.transient_tries, what());
-            return Next::Fail(FailureKind::Exhausted, msg);
-        }
-        self.backoff_until
-            .insert(key_id, now + backoff(self.transient_tries));
-        Next::Again
-    }
-
-    /// **Classify** the plugin's reading of an answer: the key's fate and
-    /// the job's next step (a success fills the branch).
-    fn classify_answer(
-        &mut self,
-        rt: &Runtime,
-        branch: &mut Branch,
-        route: &Route,
-        key_id: &KeyId,
-        parsed: llmq_sdk::Parsed,
-        now: Duration,
-    ) -> (Fate, Next) {
-        let observed = match &rt.global {
-            Some(gate) => gate.observed(key_id, &parsed.limits),
-            None => parsed.limits,
-        };
-        rt.pool.observe(key_id, &observed);
-        let message = parsed.message.clone().unwrap_or_default();
-        let kind = parsed.outcome.name();
-        match parsed.outcome {
-            Outcome::Success {
-                text,
-                usage,
-                finish_reason,
-                refusal,
-            } => {
-                let cost = route.cost(usage.input_tokens, usage.output_tokens);
-                let provider = route.provider.to_string();
-                metrics::counter!(crate::metrics::TOKENS_TOTAL, "provider" => provider.clone(), "direction" => "input").increment(usage.input_tokens);
-                metrics::counter!(crate::metrics::TOKENS_TOTAL, "provider" => provider.clone(), "direction" => "output").increment(usage.output_tokens);
-                metrics::counter!(crate::metrics::COST_USD_MICROS_TOTAL, "provider" => provider)
-                    .increment((cost * 1e6) as u64);
-                branch.succeeded(text, finish_reason, refusal, &usage, cost, key_id);
-                let fate = Fate::Success {
-                    usage_in: usage.input_tokens,
-                    usage_out: usage.output_tokens,
-                    cost_usd: cost,
-                };
-                (fate, Next::Succeeded)
-            }
-            Outcome::RateLimited { retry_after_ms } => {
-                tracing::warn!(key = %key_id, retry_after_ms, "upstream 429: cooling key down");
-                self.last_upstream_error = Some(format!("rate limited: {message}"));
-                let retry_after = retry_after_ms.map(Duration::from_millis);
-                (Fate::RateLimited { retry_after }, Next::Again)
-            }
-            Outcome::QuotaExhausted { reset, scope } => (
-                self.quota(rt, route, key_id, &message, reset, scope),
-                Next::Again,
-            ),
-            Outcome::AuthFailed => {
-                tracing::warn!(key = %key_id, outcome = kind, "key disabled");
-                self.last_upstream_error = Some(format!("{kind}: {message}"));
-                let reason = format!("{kind}: {message}");
-                (Fate::Disabled { reason }, Next::Again)
-            }
-            Outcome::Transient => {
-                self.last_upstream_error = Some(format!("transient: {message}"));
-                let next = self.transient(key_id.clone(), now, || {
-                    format!("transient upstream failures; last: {message}")
-                });
-                (Fate::Transient, next)
-            }
-            Outcome::ModelNotFound => {
-                let name = route.name();
-                self.routes.retain(|r| r.name() != name);
-                self.last_upstream_error = Some(format!("{name}: model not found: {message}"));
-                let next = if self.routes.is_empty() {
-                    let why = format!("model not found upstream: {message}");
-                    Next::Fail(FailureKind::NoRoute, why)
+                    fail()
                 } else {
                     Next::Again
-                };
-                (Fate::Untouched, next)
-            }
-            Outcome::RequestTooLarge => {
-                // Larger than this key may take in any window (Groq 413 on
-                // TPM): this key is out for this job on this route; the job
-                // moves on at once to the route's other keys and the other
-                // routes, and the key stays as it was.
-                let name = route.name();
-                self.last_upstream_error =
-                    Some(format!("{name}: request too large for {key_id}: {message}"));
-                self.too_large_message = format!("{name} on {key_id}: {message}");
-                self.too_large.entry(name).or_default().push(key_id.clone());
-                (Fate::Untouched, Next::Again)
-            }
-            Outcome::ContextTooLong => {
-                // The prompt is longer than estimated: only a larger context
-                // can help.
-                let name = route.name();
-                let refused = route.context;
-                self.routes.retain(|r| {
-                    r.name() != name
-                        && match (refused, r.context) {
-                            (Some(l), Some(c)) => c > l,
-                            _ => true,
-                        }
-                });
-                self.last_upstream_error = Some(format!("{name}: context too long: {message}"));
-                let next = if self.routes.is_empty() {
-                    let why = format!("context_too_long from {name}: {message}");
-                    Next::Fail(FailureKind::InvalidRequest, why)
-                } else {
-                    Next::Again
-                };
-                (Fate::Untouched, next)
-            }
-            Outcome::InvalidRequest => {
-                let why = format!("{kind} from {}: {message}", route.name());
-                (
-                    Fate::Untouched,
-                    Next::Fail(FailureKind::InvalidRequest, why),
-                )
-            }
-        }
-    }
-
-    /// A `quota_exhausted` answer: the key disabled until the quota's reset,
-    /// or only the model parked on it.
-    fn quota(
-        &mut self,
-        rt: &Runtime,
-        route: &Route,
-        key_id: &KeyId,
-        message: &str,
-        reset: Option<llmq_sdk::QuotaReset>,
-        scope: QuotaScope,
-    ) -> Fate {
-        let until = reset
-            .as_ref()
-            .map(|r| crate::calendar::rfc3339_ms(rt.pool.quota_reset_ms(&route.provider, r)));
-        let until_text = until
-            .as_ref()
-            .map(|u| format!(" until {u}"))
-            .unwrap_or_default();
-        let reason = format!("quota_exhausted: {message}");
-        match scope {
-            QuotaScope::Key => {
-                tracing::warn!(key = %key_id, until, "key disabled: quota exhausted");
-                self.last_upstream_error = Some(format!(
-                    "quota_exhausted on key {key_id}{until_text}: {message}"
-                ));
-                Fate::QuotaExhausted { reason, reset }
-            }
-            QuotaScope::Model(named) => {
-                // The model this call asked for is what cannot be served;
-                // the quota normally names it.
-                let model = if model_key(&named) == model_key(&route.model) {
-                    model_key(&named).to_string()
-                } else {
-                    model_key(&route.model).to_string()
-                };
-                tracing::warn!(key = %key_id, model, until, "model parked on key: quota exhausted");
-                self.last_upstream_error = Some(format!(
-                    "quota for model {model} on key {key_id} exhausted{until_text}: {message}"
-                ));
-                Fate::ModelQuota {
-                    model,
-                    reason,
-                    reset,
                 }
             }
         }
     }
 }
 
-enum CallFailure {
-    /// The plugin panicked, refused or returned garbage: fails the job.
-    Plugin(String),
-    /// No usable HTTP response: transient, except a TLS failure (the
-    /// provider is dropped for the job, the key untouched) and the job's
-    /// deadline (the job ends).
-    Network(NetError),
+/// The limits an answer showed, for the pool (through the cluster gate's
+/// view when there is one).
+fn observe(rt: &Runtime, key_id: &KeyId, limits: ObservedLimits) {
+    let observed = match &rt.global {
+        Some(gate) => gate.observed(key_id, &limits),
+        None => limits,
+    };
+    rt.pool.observe(key_id, &observed);
 }
 
-/// What a failed call says about the key: nothing, either way. A TLS
-/// failure is the setup's fault and the request never reached the provider:
-/// the call counts as not sent, so it neither uses the key's capacity nor
-/// settles a probe (a disabled key stays disabled, an unproven one unproven).
-/// A request the plugin built that cannot be sent (a bad method or
-/// header) is the plugin's bug: nothing was sent, and retrying cannot help.
-fn network_fate(e: &NetError) -> Fate {
-    match e {
-        NetError::Tls(_) | NetError::BadRequest(_) => Fate::NotSent,
-        _ => Fate::Transient,
+/// A successful answer fills the branch; the key's fate.
+fn succeeded(branch: &mut Branch, route: &Route, key_id: &KeyId, answer: Answer) -> Fate {
+    let Answer {
+        text,
+        usage,
+        finish_reason,
+        refusal,
+    } = answer;
+    let cost = route.cost(usage.input_tokens, usage.output_tokens);
+    let provider = route.provider.to_string();
+    metrics::counter!(crate::metrics::TOKENS_TOTAL, "provider" => provider.clone(), "direction" => "input").increment(usage.input_tokens);
+    metrics::counter!(crate::metrics::TOKENS_TOTAL, "provider" => provider.clone(), "direction" => "output").increment(usage.output_tokens);
+    metrics::counter!(crate::metrics::COST_USD_MICROS_TOTAL, "provider" => provider)
+        .increment((cost * 1e6) as u64);
+    branch.succeeded(text, finish_reason, refusal, &usage, cost, key_id);
+    Fate::Success {
+        usage_in: usage.input_tokens,
+        usage_out: usage.output_tokens,
+        cost_usd: cost,
     }
 }
 
-/// The attempt's `outcome` for a call that got no usable response.
-fn network_outcome(e: &NetError) -> &'static str {
-    match e {
-        NetError::Deadline(_) => "deadline",
-        NetError::Tls(_) => "tls_error",
-        NetError::TooLarge { .. } => "response_too_large",
-        NetError::BadRequest(_) => "plugin_error",
-        _ => "network",
+/// When an exhausted quota comes back (RFC 3339), when the provider said.
+fn quota_reset_at(rt: &Runtime, provider: &str, outcome: &Outcome) -> Option<String> {
+    match outcome {
+        Outcome::QuotaExhausted { reset: Some(r), .. } => {
+            Some(crate::calendar::rfc3339_ms(rt.pool.quota_reset_ms(provider, r)))
+        }
+        _ => None,
+    }
+}
+
+/// Holds the key back for every job of this daemon for `pause`.
+fn hold(rt: &Runtime, key_id: &KeyId, pause: Duration) {
+    let ms = (pause.as_micros() as u64).div_ceil(1000).max(1);
+    rt.pool.observe(
+        key_id,
+        &ObservedLimits {
+            requests_remaining: Some(0),
+            requests_reset_ms: Some(ms),
+            ..Default::default()
+        },
+    );
+}
+
+/// What the operator sees of a failure's effect on the key or the plan.
+fn log_failure(key_id: &KeyId, failure: &Failure) {
+    use crate::failure::KeyEffect;
+    let outcome = failure.outcome;
+    match &failure.key {
+        KeyEffect::CoolDown { hint } => {
+            let retry_after_ms = hint.map(|h| h.as_millis() as u64);
+            tracing::warn!(key = %key_id, retry_after_ms, "upstream 429: cooling key down");
+        }
+        KeyEffect::Disable { .. } => tracing::warn!(key = %key_id, outcome, "key disabled"),
+        KeyEffect::Park { model, .. } => {
+            tracing::warn!(key = %key_id, model, "model parked on key: quota exhausted")
+        }
+        _ => {}
+    }
+    if let Retry::Prune(Prune::Provider(provider)) = &failure.retry {
+        tracing::warn!(provider = %provider, outcome, "provider dropped for this job");
     }
 }
 
@@ -1209,24 +1103,6 @@ impl JobHandler for ExecutorHandler {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn a_tls_failure_is_not_sent_and_other_network_failures_are_transient() {
-        // Untouched would settle a re-probe of a disabled key as good.
-        assert_eq!(
-            network_fate(&NetError::Tls("invalid peer certificate".into())),
-            Fate::NotSent
-        );
-        assert_eq!(
-            network_fate(&NetError::Connect("refused".into())),
-            Fate::Transient
-        );
-        // A plugin's unsendable request is its bug: never retried as network.
-        assert_eq!(
-            network_fate(&NetError::BadRequest("method \"GE T\"".into())),
-            Fate::NotSent
-        );
-    }
 
     fn job(body: &str) -> Job {
         crate::job::parse_job(body.as_bytes(), 4096).expect("job parses")

@@ -1038,21 +1038,20 @@ impl GlobalGate {
     /// Asks the gate about a call the local pool granted. On a refusal the
     /// local pool learns why first (the key is blocked for the wait, cooling
     /// or disabled there too, so it is not picked again at once), then the
-    /// permit is given back unsent, and `None` tells the caller to re-plan.
+    /// permit is given back unsent, and `Ok(None)` tells the caller to
+    /// re-plan. When the gate cannot be asked, the permit comes back with
+    /// the error for the caller to classify (`failure::Failure::of_gate`).
     pub async fn admit_permit(
         &self,
         pool: &KeyPool,
         permit: Permit,
-    ) -> Option<(Permit, GlobalCall)> {
+    ) -> Result<Option<(Permit, GlobalCall)>, (Permit, GateError)> {
         let id = permit.key_id().clone();
         let answer = match self.admit(&id, permit.tokens(), permit.is_probe()).await {
             Ok(a) => a,
             Err(e) => {
                 self.warn(&id, "admission refused: redis unavailable", &e);
-                Admit::Wait {
-                    wait: UNAVAILABLE_RETRY,
-                    limit: WaitFor::Unavailable,
-                }
+                return Err((permit, e));
             }
         };
         let now = Now::of(&**pool.clock());
@@ -1060,7 +1059,7 @@ impl GlobalGate {
             tracing::debug!(key = %id, ?answer, "cluster gate: refused");
         }
         match answer {
-            Admit::Granted(call) => return Some((permit, call)),
+            Admit::Granted(call) => return Ok(Some((permit, call))),
             Admit::Wait { wait, .. } => {
                 let wait_ms = (wait.as_micros() as u64).div_ceil(1000).max(1);
                 pool.hold_back(&id, Duration::from_millis(wait_ms), "cluster window full");
@@ -1109,7 +1108,7 @@ impl GlobalGate {
             }
         }
         pool.report(permit, Fate::NotSent);
-        None
+        Ok(None)
     }
 
     fn forget_proven(&self, id: &KeyId) {

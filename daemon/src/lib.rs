@@ -20,6 +20,7 @@ pub mod demo;
 pub mod endpoint;
 pub mod error;
 pub mod executor;
+pub mod failure;
 pub mod global;
 pub mod job;
 pub mod keys;

@@ -26,7 +26,7 @@ fn main() {
                 // so the alternate (chained) form would say everything twice.
                 eprintln!("llmq: {e}");
                 match e.downcast_ref::<llmq::Error>() {
-                    Some(llmq::Error::Config { .. }) => exit::CONFIG,
+                    Some(e) if e.is_config() => exit::CONFIG,
                     _ => exit::FAILURE,
                 }
             }

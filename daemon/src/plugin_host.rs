@@ -128,6 +128,9 @@ pub enum PluginCallError {
     Quarantined { plugin: String, reason: String },
     #[error("plugin {plugin}: the {call} call was lost (its thread ended without an answer)")]
     Lost { plugin: String, call: &'static str },
+    /// No plugin of that name is loaded (a route names it, its file was refused).
+    #[error("no plugin named {plugin:?} is loaded (plugins dir {dir})")]
+    NotLoaded { plugin: String, dir: PathBuf },
 }
 
 /// Time limits and quarantine, shared by the handles of one host.
@@ -474,9 +477,16 @@ impl PluginHost {
 
     /// The plugin as the executor calls it: off the async workers, within
     /// the call time limit.
-    pub fn handle(&self, name: &str) -> Result<PluginHandle> {
+    pub fn handle(&self, name: &str) -> std::result::Result<PluginHandle, PluginCallError> {
+        let plugin = self
+            .plugins
+            .get(name)
+            .ok_or_else(|| PluginCallError::NotLoaded {
+                plugin: name.to_string(),
+                dir: self.dir.clone(),
+            })?;
         Ok(PluginHandle {
-            plugin: self.get(name)?.clone(),
+            plugin: plugin.clone(),
             guard: self.guard.clone(),
         })
     }

@@ -117,7 +117,7 @@ pub use producer::{get_result, push, push_limited, push_with, wait};
 pub use stats::{stats, LaneStats, QueueStats};
 
 use crate::config::{Config, QueueConfig};
-use crate::job::{Attempt, Job, JobError, JobResult};
+use crate::job::{Attempt, Job, JobResult};
 use apalis_core::monitor::Monitor;
 use apalis_core::worker::builder::WorkerBuilder;
 use apalis_core::worker::ext::parallelize::ParallelizeExt;
@@ -186,32 +186,8 @@ pub trait JobHandler: Send + Sync + 'static {
     fn run(&self, job: Job, ctx: JobContext) -> BoxFuture<'static, Disposition>;
 }
 
-/// Queue errors.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("{0}")]
-    InvalidJob(#[from] JobError),
-    #[error("invalid lane {0:?}: expected 1-64 characters of A-Z a-z 0-9 - _")]
-    InvalidLane(String),
-    #[error("queue config: {0}")]
-    Config(String),
-    #[error("unreadable result for job {id}: {message}")]
-    BadResult { id: String, message: String },
-    #[error("the queue runtime failed: {0}")]
-    Runtime(String),
-}
-
-impl From<QueueError> for crate::Error {
-    fn from(e: QueueError) -> crate::Error {
-        match e {
-            QueueError::Redis(e) => crate::Error::Redis(e),
-            QueueError::Config(m) => crate::Error::config("", "queue", m),
-            other => crate::Error::Other(other.to_string()),
-        }
-    }
-}
+/// Queue errors (defined with the daemon's `Error`, which wraps them).
+pub use crate::error::QueueError;
 
 /// A lane: its name and stream key.
 #[derive(Debug, Clone)]
