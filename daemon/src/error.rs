@@ -31,20 +31,7 @@ pub enum Error {
 }
 
 impl Error {
-    /// True when trying the same operation again later may succeed.
-    pub fn retryable(&self) -> bool {
-        match self {
-            Error::Redis(e) => !matches!(e.retry_method(), redis::RetryMethod::NoRetry),
-            Error::Upstream { .. } | Error::Io(_) => true,
-            Error::Config { .. }
-            | Error::PluginLoad(_)
-            | Error::PluginCall(_)
-            | Error::NoPlugin { .. }
-            | Error::Other(_) => false,
-        }
-    }
-
-    pub fn config(
+    pub(crate) fn config(
         file: impl Into<String>,
         field: impl Into<String>,
         expected: impl Into<String>,

@@ -7,17 +7,17 @@
 
 pub mod admin;
 pub mod budget;
-pub mod calendar;
-pub mod catalog;
+pub(crate) mod calendar;
+pub(crate) mod catalog;
 pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod commands;
 pub mod config;
-pub mod control;
+pub(crate) mod control;
 #[cfg(feature = "demo")]
-pub mod demo;
-pub mod endpoint;
+pub(crate) mod demo;
+pub(crate) mod endpoint;
 pub mod error;
 pub mod executor;
 pub mod global;
@@ -32,6 +32,6 @@ pub mod queue;
 pub mod redis_conn;
 pub mod router;
 pub mod serve;
-pub mod upstream;
+pub(crate) mod upstream;
 
 pub use error::{Error, Result};

@@ -19,14 +19,14 @@ pub enum KeyStatus {
 
 impl KeyStatus {
     /// Every status, in a fixed order (used for the `llmq_key_state` gauge).
-    pub const ALL: [KeyStatus; 3] = [
+    pub(crate) const ALL: [KeyStatus; 3] = [
         KeyStatus::Available,
         KeyStatus::Cooling,
         KeyStatus::Disabled,
     ];
 
     /// The wire name: `available`, `cooling` or `disabled`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             KeyStatus::Available => "available",
             KeyStatus::Cooling => "cooling",
@@ -154,11 +154,6 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// Ready when Redis answers and at least one plugin is loaded.
-    pub fn is_ready(&self) -> bool {
-        self.redis && self.plugins >= 1
-    }
-
     /// Why the daemon is not ready, or `None` when it is.
     pub fn reason(&self) -> Option<String> {
         match (self.redis, self.plugins) {
