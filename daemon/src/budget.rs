@@ -134,7 +134,12 @@ impl Budgets {
 
     /// [`Budgets::check`], and when the call fits, reserve `estimate` in the
     /// same step (so two jobs cannot both take the last room).
-    pub(crate) fn try_reserve(&self, provider: &str, estimate: f64, now_unix_ms: u64) -> BudgetCheck {
+    pub(crate) fn try_reserve(
+        &self,
+        provider: &str,
+        estimate: f64,
+        now_unix_ms: u64,
+    ) -> BudgetCheck {
         let Some(cap) = self.caps.get(provider).copied() else {
             return BudgetCheck::Fits;
         };

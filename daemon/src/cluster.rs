@@ -213,7 +213,9 @@ pub async fn list<C: ConnectionLike + Send>(conn: &mut C) -> Result<Vec<Member>>
 }
 
 /// The live daemons (as [`list`]) and the dead ones this call removed.
-pub(crate) async fn sweep<C: ConnectionLike + Send>(conn: &mut C) -> Result<(Vec<Member>, Vec<String>)> {
+pub(crate) async fn sweep<C: ConnectionLike + Send>(
+    conn: &mut C,
+) -> Result<(Vec<Member>, Vec<String>)> {
     let all: HashMap<String, String> = redis::cmd("HGETALL")
         .arg(DAEMONS_KEY)
         .query_async(conn)

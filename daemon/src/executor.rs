@@ -1068,7 +1068,10 @@ pub(crate) fn redact(message: &str, secret: Option<&str>, masked: &str) -> Strin
 /// The finish reason a result shows: the plugin's, except that an answer
 /// with refusal text is a `refusal`, never a plain `stop` (OpenAI sends
 /// `finish_reason: "stop"` beside `message.refusal`).
-pub(crate) fn finish_of(reason: Option<FinishReason>, refusal: Option<&str>) -> Option<FinishReason> {
+pub(crate) fn finish_of(
+    reason: Option<FinishReason>,
+    refusal: Option<&str>,
+) -> Option<FinishReason> {
     match (reason, refusal) {
         (None | Some(FinishReason::Stop), Some(_)) => Some(FinishReason::Refusal),
         (r, _) => r,

@@ -178,7 +178,10 @@ pub fn parse_job(body: &[u8], max_bytes: usize) -> Result<Job, (JobError, Option
 }
 
 /// [`parse_job`] against the configured limits.
-pub(crate) fn parse_job_with(body: &[u8], limits: &JobLimits) -> Result<Job, (JobError, Option<String>)> {
+pub(crate) fn parse_job_with(
+    body: &[u8],
+    limits: &JobLimits,
+) -> Result<Job, (JobError, Option<String>)> {
     if body.len() > limits.max_bytes {
         return Err((
             JobError::TooLarge {

@@ -243,7 +243,10 @@ impl Daemon {
     /// Runs until `shutdown` resolves: restores key state if start-up could
     /// not, persists key state changes and counters while jobs run, then
     /// drains in-flight jobs and flushes the counters one last time.
-    pub(crate) async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    pub(crate) async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
         let shutdown = shutdown.boxed().shared();
         if !self.restored && !self.restore_until_ok(shutdown.clone()).await {
             return Ok(());

@@ -61,7 +61,10 @@ impl Default for ServerLimits {
 impl ServerLimits {
     /// The limits of `[admin]`, the cap reduced to the share of `nofile`
     /// (the soft `RLIMIT_NOFILE`; `None` for unlimited).
-    pub(crate) fn from_config(cfg: &crate::config::AdminConfig, nofile: Option<u64>) -> ServerLimits {
+    pub(crate) fn from_config(
+        cfg: &crate::config::AdminConfig,
+        nofile: Option<u64>,
+    ) -> ServerLimits {
         ServerLimits {
             header_timeout: cfg.header_timeout,
             idle_timeout: cfg.idle_timeout,

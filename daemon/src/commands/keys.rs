@@ -95,7 +95,11 @@ fn encode_id(id: &str) -> String {
         .collect()
 }
 
-pub(crate) async fn keys(g: &GlobalArgs, opts: &Options, action: Option<&KeysAction>) -> Result<i32> {
+pub(crate) async fn keys(
+    g: &GlobalArgs,
+    opts: &Options,
+    action: Option<&KeysAction>,
+) -> Result<i32> {
     let settings = opts.load()?;
     let admin = Admin::from(&settings);
     match action {

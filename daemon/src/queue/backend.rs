@@ -33,8 +33,7 @@ pub(crate) struct Delivery {
     pub(crate) permit: OwnedSemaphorePermit,
 }
 
-impl Delivery {
-}
+impl Delivery {}
 
 /// What the queue keeps about the stream entry while its job runs.
 #[derive(Debug)]

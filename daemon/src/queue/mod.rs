@@ -109,8 +109,8 @@ mod writer;
 
 pub(crate) use backend::{JobService, StreamsBackend};
 pub(crate) use keys::{lane_key, valid_lane};
-pub use producer::{get_result, push, wait};
 pub(crate) use producer::push_with;
+pub use producer::{get_result, push, wait};
 pub use stats::{stats, LaneStats, QueueStats};
 
 use crate::config::{Config, QueueConfig};
