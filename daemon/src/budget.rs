@@ -42,7 +42,7 @@ struct Ledger {
 
 /// Whether a call of a given estimated cost fits a provider's budget.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum BudgetCheck {
+pub(crate) enum BudgetCheck {
     /// No cap, or `spent + reserved + estimate <= cap`.
     Fits,
     /// Only the reservations of calls in flight stand in the way.
@@ -61,8 +61,9 @@ pub struct Budgets {
 }
 
 impl Budgets {
+    #[cfg(test)]
     /// `caps`: provider → USD per UTC day.
-    pub fn new(caps: HashMap<String, f64>) -> Budgets {
+    pub(crate) fn new(caps: HashMap<String, f64>) -> Budgets {
         Budgets {
             caps,
             resets: HashMap::new(),
@@ -72,7 +73,7 @@ impl Budgets {
 
     /// The caps of the providers that set `budget_usd_per_day`, each on
     /// its own day (`daily_reset`).
-    pub fn for_providers(providers: &BTreeMap<String, ProviderConfig>) -> Budgets {
+    pub(crate) fn for_providers(providers: &BTreeMap<String, ProviderConfig>) -> Budgets {
         let capped = || {
             providers
                 .iter()
@@ -88,7 +89,7 @@ impl Budgets {
     }
 
     /// Restores what was already spent today (from Redis at start).
-    pub fn load_spent(&self, provider: &str, spent: f64, now_unix_ms: u64) {
+    pub(crate) fn load_spent(&self, provider: &str, spent: f64, now_unix_ms: u64) {
         self.with(provider, now_unix_ms, |l| l.spent = spent);
     }
 
@@ -96,25 +97,27 @@ impl Budgets {
     /// (`llmq:spend:<day>`), when it is more than this daemon knows of. With
     /// several daemons this bounds the overshoot of a cap by one sync
     /// interval of the others' spend.
-    pub fn sync_spent(&self, provider: &str, shared: f64, now_unix_ms: u64) {
+    pub(crate) fn sync_spent(&self, provider: &str, shared: f64, now_unix_ms: u64) {
         if self.caps.contains_key(provider) {
             self.with(provider, now_unix_ms, |l| l.spent = l.spent.max(shared));
         }
     }
 
     /// Providers with a cap.
-    pub fn capped(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn capped(&self) -> impl Iterator<Item = &str> {
         self.caps.keys().map(String::as_str)
     }
 
+    #[cfg(test)]
     /// True when a call of `estimate` USD fits under the provider's cap now.
-    pub fn allows(&self, provider: &str, estimate: f64, now_unix_ms: u64) -> bool {
+    pub(crate) fn allows(&self, provider: &str, estimate: f64, now_unix_ms: u64) -> bool {
         self.check(provider, estimate, now_unix_ms) == BudgetCheck::Fits
     }
 
+    #[cfg(test)]
     /// Whether a call of `estimate` USD fits under the provider's cap now,
     /// later (once calls in flight settle) or not today.
-    pub fn check(&self, provider: &str, estimate: f64, now_unix_ms: u64) -> BudgetCheck {
+    pub(crate) fn check(&self, provider: &str, estimate: f64, now_unix_ms: u64) -> BudgetCheck {
         let Some(cap) = self.caps.get(provider).copied() else {
             return BudgetCheck::Fits;
         };
@@ -134,7 +137,12 @@ impl Budgets {
 
     /// [`Budgets::check`], and when the call fits, reserve `estimate` in the
     /// same step (so two jobs cannot both take the last room).
-    pub fn try_reserve(&self, provider: &str, estimate: f64, now_unix_ms: u64) -> BudgetCheck {
+    pub(crate) fn try_reserve(
+        &self,
+        provider: &str,
+        estimate: f64,
+        now_unix_ms: u64,
+    ) -> BudgetCheck {
         let Some(cap) = self.caps.get(provider).copied() else {
             return BudgetCheck::Fits;
         };
@@ -156,7 +164,7 @@ impl Budgets {
     /// [`Budgets::try_reserve`] as a guard: `Ok` holds the reservation
     /// until it is settled or dropped (dropped = released); `Err` is
     /// [`BudgetCheck::Pending`] or [`BudgetCheck::Reached`] (nothing held).
-    pub fn hold(
+    pub(crate) fn hold(
         self: &Arc<Self>,
         provider: &str,
         estimate: f64,
@@ -182,18 +190,20 @@ impl Budgets {
         self.with(provider, now_unix_ms, |l| l.reserved)
     }
 
+    #[cfg(test)]
     /// The provider's cap, if it has one.
-    pub fn cap(&self, provider: &str) -> Option<f64> {
+    pub(crate) fn cap(&self, provider: &str) -> Option<f64> {
         self.caps.get(provider).copied()
     }
 
-    pub fn reserve(&self, provider: &str, estimate: f64, now_unix_ms: u64) {
+    #[cfg(test)]
+    pub(crate) fn reserve(&self, provider: &str, estimate: f64, now_unix_ms: u64) {
         if self.caps.contains_key(provider) {
             self.with(provider, now_unix_ms, |l| l.reserved += estimate);
         }
     }
 
-    pub fn release(&self, provider: &str, estimate: f64, now_unix_ms: u64) {
+    pub(crate) fn release(&self, provider: &str, estimate: f64, now_unix_ms: u64) {
         if self.caps.contains_key(provider) {
             self.with(provider, now_unix_ms, |l| {
                 l.reserved = (l.reserved - estimate).max(0.0)
@@ -201,7 +211,7 @@ impl Budgets {
         }
     }
 
-    pub fn settle(&self, provider: &str, estimate: f64, actual: f64, now_unix_ms: u64) {
+    pub(crate) fn settle(&self, provider: &str, estimate: f64, actual: f64, now_unix_ms: u64) {
         if self.caps.contains_key(provider) {
             self.with(provider, now_unix_ms, |l| {
                 l.reserved = (l.reserved - estimate).max(0.0);
@@ -211,7 +221,7 @@ impl Budgets {
     }
 
     /// Today's spend per capped provider: (provider, spent, cap).
-    pub fn snapshot(&self, now_unix_ms: u64) -> Vec<(String, f64, f64)> {
+    pub(crate) fn snapshot(&self, now_unix_ms: u64) -> Vec<(String, f64, f64)> {
         let mut out: Vec<_> = self
             .caps
             .iter()
@@ -246,7 +256,7 @@ impl Budgets {
 /// One call's reservation of a provider's budget (see [`Budgets::hold`]).
 /// Settle it with the real cost; dropping it unsettled releases it.
 #[must_use = "a reservation is released when dropped; settle it with the call's cost"]
-pub struct Reservation {
+pub(crate) struct Reservation {
     budgets: Arc<Budgets>,
     provider: String,
     estimate: f64,
@@ -256,13 +266,14 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    #[cfg(test)]
     /// The estimate reserved.
-    pub fn estimate(&self) -> f64 {
+    pub(crate) fn estimate(&self) -> f64 {
         self.estimate
     }
 
     /// Books the call's real cost in place of the reservation.
-    pub fn settle(mut self, actual: f64) {
+    pub(crate) fn settle(mut self, actual: f64) {
         if std::mem::take(&mut self.open) {
             self.budgets
                 .settle(&self.provider, self.estimate, actual, self.clock.unix_ms());
@@ -270,7 +281,7 @@ impl Reservation {
     }
 
     /// Gives the reservation back (nothing was billed). Dropping does the same.
-    pub fn release(self) {}
+    pub(crate) fn release(self) {}
 }
 
 impl Drop for Reservation {

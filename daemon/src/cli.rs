@@ -8,13 +8,13 @@ use std::path::PathBuf;
 /// Exit codes, stable for scripts.
 pub mod exit {
     /// Success.
-    pub const OK: i32 = 0;
+    pub(crate) const OK: i32 = 0;
     /// A runtime failure (Redis unreachable, job failed, …).
     pub const FAILURE: i32 = 1;
     /// Bad usage or bad configuration.
     pub const CONFIG: i32 = 2;
     /// `wait` timed out / `result` not found.
-    pub const NOT_FOUND: i32 = 3;
+    pub(crate) const NOT_FOUND: i32 = 3;
 }
 
 #[derive(Debug, Parser)]

@@ -90,12 +90,8 @@ impl Membership {
         }
     }
 
-    pub fn member(&self) -> &Member {
-        &self.me
-    }
-
     /// How long an entry lives without a heartbeat.
-    pub fn ttl(&self) -> Duration {
+    pub(crate) fn ttl(&self) -> Duration {
         self.heartbeat * 3
     }
 
@@ -142,7 +138,7 @@ impl Membership {
     /// sweeps the list; a dead daemon this one removes has its gate slots
     /// reaped (`reaper`: the gate and the pool's keys). Redis errors are
     /// logged (once per outage) and retried on the next beat.
-    pub fn spawn(
+    pub(crate) fn spawn(
         self: Arc<Self>,
         reaper: Option<(Arc<GlobalGate>, KeyPool)>,
         mut stop: watch::Receiver<bool>,
@@ -209,7 +205,9 @@ pub async fn list<C: ConnectionLike + Send>(conn: &mut C) -> Result<Vec<Member>>
 }
 
 /// The live daemons (as [`list`]) and the dead ones this call removed.
-pub async fn sweep<C: ConnectionLike + Send>(conn: &mut C) -> Result<(Vec<Member>, Vec<String>)> {
+pub(crate) async fn sweep<C: ConnectionLike + Send>(
+    conn: &mut C,
+) -> Result<(Vec<Member>, Vec<String>)> {
     let all: HashMap<String, String> = redis::cmd("HGETALL")
         .arg(DAEMONS_KEY)
         .query_async(conn)
@@ -249,7 +247,7 @@ pub async fn sweep<C: ConnectionLike + Send>(conn: &mut C) -> Result<(Vec<Member
 
 /// What `llmq serve` runs for scale-out next to the queue: the membership
 /// heartbeat and, with the gate on, the key events listener.
-pub struct Node {
+pub(crate) struct Node {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -257,7 +255,7 @@ pub struct Node {
 impl Node {
     /// Starts the heartbeat for `consumer` on `conn` and, with the gate on
     /// (`gate` is `Some`), its key events listener on `cfg.redis.url`.
-    pub fn start(
+    pub(crate) fn start(
         conn: ConnectionManager,
         consumer: &str,
         cfg: &Config,
@@ -275,7 +273,7 @@ impl Node {
     }
 
     /// Leaves the member list and stops listening (after the drain).
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;

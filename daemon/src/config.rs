@@ -248,7 +248,7 @@ pub struct Limits {
 
 impl Limits {
     /// Each field from `self`, else from `base`.
-    pub fn or(self, base: Limits) -> Limits {
+    pub(crate) fn or(self, base: Limits) -> Limits {
         Limits {
             rpm: self.rpm.or(base.rpm),
             tpm: self.tpm.or(base.tpm),
@@ -375,7 +375,7 @@ pub struct KeyConfig {
 
 /// Whether `name` can name an account: it appears in Redis keys (as a
 /// hash tag's content) and in `llmq keys`.
-pub fn valid_account(name: &str) -> bool {
+pub(crate) fn valid_account(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name
@@ -384,7 +384,7 @@ pub fn valid_account(name: &str) -> bool {
 }
 
 /// What [`valid_account`] accepts, for error messages.
-pub const ACCOUNT_EXPECTED: &str =
+pub(crate) const ACCOUNT_EXPECTED: &str =
     "an account name of letters, digits, - _ . or @ (at most 128 characters)";
 
 impl Default for RedisConfig {
@@ -476,15 +476,15 @@ impl Default for AdminConfig {
 }
 
 /// Serde helpers for durations written as `"5m"`, `"1s"`, `"250ms"`.
-pub mod humantime_serde_compat {
+pub(crate) mod humantime_serde_compat {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!(
@@ -493,17 +493,22 @@ pub mod humantime_serde_compat {
         })
     }
 
-    pub mod option {
+    pub(crate) mod option {
         use super::*;
 
-        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        pub(crate) fn serialize<S: Serializer>(
+            d: &Option<Duration>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
             match d {
                 Some(d) => super::serialize(d, s),
                 None => s.serialize_none(),
             }
         }
 
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Duration>, D::Error> {
             super::deserialize(d).map(Some)
         }
     }
@@ -512,10 +517,10 @@ pub mod humantime_serde_compat {
 // ------------------------------------------------------------------ loading
 
 /// The config file read when `--config` is not given, if it exists.
-pub const DEFAULT_PATH: &str = "/etc/llmq/llmq.toml";
+pub(crate) const DEFAULT_PATH: &str = "/etc/llmq/llmq.toml";
 
 /// Env overrides are `LLMQ__SECTION__FIELD` (e.g. `LLMQ__QUEUE__CONCURRENCY`).
-pub const ENV_PREFIX: &str = "LLMQ__";
+pub(crate) const ENV_PREFIX: &str = "LLMQ__";
 
 /// Loads the config: defaults ← catalog ← TOML file ← `LLMQ__…` env
 /// overrides, then validates it.

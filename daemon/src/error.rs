@@ -63,7 +63,7 @@ impl Error {
         )
     }
 
-    pub fn config(
+    pub(crate) fn config(
         file: impl Into<String>,
         field: impl Into<String>,
         expected: impl Into<String>,

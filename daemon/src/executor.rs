@@ -147,9 +147,9 @@ use std::time::Duration;
 use tracing::Instrument;
 
 /// Transient failures tolerated per job before it fails as `exhausted`.
-pub const MAX_TRANSIENT_TRIES: u32 = 5;
+pub(crate) const MAX_TRANSIENT_TRIES: u32 = 5;
 /// First backoff after a transient failure; doubles each time.
-pub const TRANSIENT_BACKOFF: Duration = Duration::from_secs(1);
+pub(crate) const TRANSIENT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Everything a job needs, swappable as one piece on SIGHUP.
 pub struct Runtime {
@@ -172,7 +172,7 @@ pub struct Executor {
 
 /// The outcome of running one model for a job (the whole job, or one fan-out branch).
 #[derive(Debug, Clone)]
-pub struct Branch {
+pub(crate) struct Branch {
     pub model_asked: String,
     pub status: Status,
     pub output: Option<String>,
@@ -247,7 +247,7 @@ impl Executor {
     }
 
     /// The current runtime (config, routes, keys, plugins).
-    pub fn runtime(&self) -> Arc<Runtime> {
+    pub(crate) fn runtime(&self) -> Arc<Runtime> {
         match self.runtime.read() {
             Ok(g) => g.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -255,7 +255,7 @@ impl Executor {
     }
 
     /// Swaps in a reloaded runtime. Jobs in flight keep the one they started with.
-    pub fn replace_runtime(&self, runtime: Runtime) {
+    pub(crate) fn replace_runtime(&self, runtime: Runtime) {
         let new = Arc::new(runtime);
         match self.runtime.write() {
             Ok(mut g) => *g = new,
@@ -911,9 +911,9 @@ fn succeeded(branch: &mut Branch, route: &Route, key_id: &KeyId, answer: Answer)
 /// When an exhausted quota comes back (RFC 3339), when the provider said.
 fn quota_reset_at(rt: &Runtime, provider: &str, outcome: &Outcome) -> Option<String> {
     match outcome {
-        Outcome::QuotaExhausted { reset: Some(r), .. } => {
-            Some(crate::calendar::rfc3339_ms(rt.pool.quota_reset_ms(provider, r)))
-        }
+        Outcome::QuotaExhausted { reset: Some(r), .. } => Some(crate::calendar::rfc3339_ms(
+            rt.pool.quota_reset_ms(provider, r),
+        )),
         _ => None,
     }
 }
@@ -952,7 +952,7 @@ fn log_failure(key_id: &KeyId, failure: &Failure) {
 }
 
 /// Replaces every occurrence of the secret with its masked form.
-pub fn redact(message: &str, secret: Option<&str>, masked: &str) -> String {
+pub(crate) fn redact(message: &str, secret: Option<&str>, masked: &str) -> String {
     match secret {
         Some(s) if s.len() >= 4 && message.contains(s) => message.replace(s, masked),
         _ => message.to_string(),
@@ -962,7 +962,10 @@ pub fn redact(message: &str, secret: Option<&str>, masked: &str) -> String {
 /// The finish reason a result shows: the plugin's, except that an answer
 /// with refusal text is a `refusal`, never a plain `stop` (OpenAI sends
 /// `finish_reason: "stop"` beside `message.refusal`).
-pub fn finish_of(reason: Option<FinishReason>, refusal: Option<&str>) -> Option<FinishReason> {
+pub(crate) fn finish_of(
+    reason: Option<FinishReason>,
+    refusal: Option<&str>,
+) -> Option<FinishReason> {
     match (reason, refusal) {
         (None | Some(FinishReason::Stop), Some(_)) => Some(FinishReason::Refusal),
         (r, _) => r,
@@ -1072,7 +1075,7 @@ fn fan_out_result(job: &Job, branches: Vec<Branch>) -> JobResult {
 }
 
 /// The queue's handle on the executor.
-pub struct ExecutorHandler(pub Arc<Executor>);
+pub(crate) struct ExecutorHandler(pub Arc<Executor>);
 
 impl JobHandler for ExecutorHandler {
     fn run(&self, job: Job, ctx: JobContext) -> BoxFuture<'static, Disposition> {

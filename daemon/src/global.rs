@@ -99,10 +99,10 @@ pub use crate::config::MAX_CALL;
 pub const PROBATION_RETRY: Duration = Duration::from_millis(50);
 /// The longest a key the gate says is disabled is held back locally before
 /// this daemon asks again (a reset elsewhere is seen by then at the latest).
-pub const DISABLED_RECHECK: Duration = Duration::from_secs(5);
+pub(crate) const DISABLED_RECHECK: Duration = Duration::from_secs(5);
 /// How long a key is held back locally when Redis does not answer: the
 /// gate fails closed, never over the limits.
-pub const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
 
 /// The gate's keys for one API key (one hash tag: one Cluster slot).
 pub fn window_key(id: &KeyId) -> String {
@@ -414,7 +414,7 @@ impl KeyLimits {
     /// A key's limits as the pool computes them: its overrides over the
     /// provider's (for a key of an account, the account's: the strictest of
     /// its keys'), the provider's window and cooldown, `keys.reprobe_interval`.
-    pub fn of(config: &Config, id: &KeyId, ring: &KeyRing) -> KeyLimits {
+    pub(crate) fn of(config: &Config, id: &KeyId, ring: &KeyRing) -> KeyLimits {
         let pc = config.providers.get(id.provider());
         let limits = match (pc, ring.get(id)) {
             (Some(pc), Some(key)) => match &key.account {
@@ -456,17 +456,14 @@ pub enum WaitFor {
     Tpm,
     /// Another daemon's first call to this key is in flight.
     Probation,
-    /// Redis did not answer (the gate fails closed).
-    Unavailable,
 }
 
 impl WaitFor {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             WaitFor::Rpm => "rpm",
             WaitFor::Tpm => "tpm",
             WaitFor::Probation => "probation",
-            WaitFor::Unavailable => "unavailable",
         }
     }
 }
@@ -588,10 +585,6 @@ impl Ender {
 }
 
 impl GlobalCall {
-    pub fn key(&self) -> &KeyId {
-        &self.key
-    }
-
     /// Whether this call passed through Redis (false on the fast path).
     pub fn admitted_in_redis(&self) -> bool {
         self.member.is_some()
@@ -842,7 +835,7 @@ impl GlobalGate {
     }
 
     /// New keys and limits (start, SIGHUP); keys that stay keep `proven`.
-    pub fn configure(&self, config: &Config, ring: &KeyRing) {
+    pub(crate) fn configure(&self, config: &Config, ring: &KeyRing) {
         let old = self.table();
         let table: Table = ring
             .iter()
@@ -1041,7 +1034,7 @@ impl GlobalGate {
     /// permit is given back unsent, and `Ok(None)` tells the caller to
     /// re-plan. When the gate cannot be asked, the permit comes back with
     /// the error for the caller to classify (`failure::Failure::of_gate`).
-    pub async fn admit_permit(
+    pub(crate) async fn admit_permit(
         &self,
         pool: &KeyPool,
         permit: Permit,
@@ -1124,7 +1117,7 @@ impl GlobalGate {
     /// taken as "nothing before R" it would idle a daemon for up to a window
     /// while the gate frees slots one by one as they age out. Learned
     /// limits (`*_limit`) still tighten the local limiter.
-    pub fn observed(&self, key: &KeyId, seen: &ObservedLimits) -> ObservedLimits {
+    pub(crate) fn observed(&self, key: &KeyId, seen: &ObservedLimits) -> ObservedLimits {
         let limits = self.limits(key);
         let mut out = *seen;
         if limits.rpm.is_some() {
@@ -1224,7 +1217,7 @@ impl GlobalGate {
 
     /// Copies the gate's disabled and cooling keys into the local pool
     /// (after a (re)subscription, when events may have been missed).
-    pub async fn resync(&self, pool: &KeyPool) -> Result<usize, GateError> {
+    pub(crate) async fn resync(&self, pool: &KeyPool) -> Result<usize, GateError> {
         let mut applied = 0;
         let ids = pool.key_ids();
         let states = self.states(&ids).await?;
@@ -1259,7 +1252,7 @@ impl GlobalGate {
     /// pool, so a key disabled or cooling on one daemon is so on all within
     /// milliseconds. Reconnects with backoff and resynchronises from the
     /// gate's state hashes each time; stops when `stop` turns true.
-    pub fn spawn_listener(
+    pub(crate) fn spawn_listener(
         self: Arc<Self>,
         redis_url: String,
         pool: KeyPool,
@@ -1329,7 +1322,7 @@ impl GlobalGate {
 }
 
 /// The gate a daemon runs with: `Some` when `[cluster] enabled` (default).
-pub fn gate_for(
+pub(crate) fn gate_for(
     config: &Config,
     ring: &KeyRing,
     queue: &crate::queue::Queue,

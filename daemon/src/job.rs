@@ -4,21 +4,20 @@
 
 use llmq_sdk::{Content, Message};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// Largest job body accepted by default (1 MiB).
 pub const DEFAULT_MAX_JOB_BYTES: usize = 1024 * 1024;
 
 /// Most `models` (fan-out) entries a job may have by default
 /// (`queue.max_models`).
-pub const DEFAULT_MAX_MODELS: usize = 32;
+pub(crate) const DEFAULT_MAX_MODELS: usize = 32;
 
 /// Longest `deadline_s` accepted: 30 days.
-pub const MAX_DEADLINE_S: u64 = 30 * 24 * 3600;
+pub(crate) const MAX_DEADLINE_S: u64 = 30 * 24 * 3600;
 
 /// Largest `max_tokens` accepted: 2^31 - 1, far above any model's output
 /// limit, so token estimates and budgets never come near an overflow.
-pub const MAX_TOKENS_LIMIT: u32 = i32::MAX as u32;
+pub(crate) const MAX_TOKENS_LIMIT: u32 = i32::MAX as u32;
 
 /// The configured limits a job body is checked against (`[queue]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +74,7 @@ pub enum Capability {
 }
 
 impl Capability {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Capability::Vision => "vision",
             Capability::Json => "json",
@@ -94,7 +93,7 @@ pub enum Tier {
 }
 
 impl Tier {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Tier::Free => "free",
             Tier::Trial => "trial",
@@ -139,7 +138,7 @@ pub struct RouteHints {
 }
 
 impl RouteHints {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         *self == RouteHints::default()
     }
 }
@@ -179,7 +178,10 @@ pub fn parse_job(body: &[u8], max_bytes: usize) -> Result<Job, (JobError, Option
 }
 
 /// [`parse_job`] against the configured limits.
-pub fn parse_job_with(body: &[u8], limits: &JobLimits) -> Result<Job, (JobError, Option<String>)> {
+pub(crate) fn parse_job_with(
+    body: &[u8],
+    limits: &JobLimits,
+) -> Result<Job, (JobError, Option<String>)> {
     if body.len() > limits.max_bytes {
         return Err((
             JobError::TooLarge {
@@ -225,7 +227,7 @@ pub fn parse_job_with(body: &[u8], limits: &JobLimits) -> Result<Job, (JobError,
 /// Parses a job body as JSON in one pass, refusing a key that appears twice
 /// in any object (for callers that handle the JSON before [`parse_job`],
 /// such as the admin API's `/v1/run`).
-pub fn json_value(body: &[u8]) -> Result<serde_json::Value, JobError> {
+pub(crate) fn json_value(body: &[u8]) -> Result<serde_json::Value, JobError> {
     match unique::from_slice(body) {
         Ok((_, Some(d))) => Err(d.into_error()),
         Ok((v, None)) => Ok(v),
@@ -381,11 +383,11 @@ mod unique {
     }
 
     impl Duplicate {
-        pub fn is_top_level_id(&self) -> bool {
+        pub(crate) fn is_top_level_id(&self) -> bool {
             self.object.is_empty() && self.key == "id"
         }
 
-        pub fn into_error(self) -> super::JobError {
+        pub(crate) fn into_error(self) -> super::JobError {
             let place = if self.object.is_empty() {
                 "in the job object".to_string()
             } else {
@@ -517,7 +519,7 @@ impl Job {
     /// Semantic checks beyond the JSON shape. Every numeric field is
     /// checked against its range (also done on the JSON by [`parse_job`],
     /// kept here for jobs built in code).
-    pub fn validate_with(&self, limits: &JobLimits) -> Result<(), JobError> {
+    pub(crate) fn validate_with(&self, limits: &JobLimits) -> Result<(), JobError> {
         if !self.id.is_empty() && !valid_id(&self.id) {
             return Err(JobError::Invalid(
                 "`id` must be 1-200 printable ASCII characters without spaces or braces".into(),
@@ -579,14 +581,14 @@ impl Job {
 
     /// How long the job may take from its first enqueue: `deadline_s`, else
     /// `default`. Never panics, whatever the job says.
-    pub fn deadline_or(&self, default: std::time::Duration) -> std::time::Duration {
+    pub(crate) fn deadline_or(&self, default: std::time::Duration) -> std::time::Duration {
         self.deadline_s.map_or(default, |s| {
             std::time::Duration::from_secs(s.min(MAX_DEADLINE_S))
         })
     }
 
     /// True when any message carries an image.
-    pub fn has_image(&self) -> bool {
+    pub(crate) fn has_image(&self) -> bool {
         self.messages.iter().any(|m| m.content.has_image())
     }
 
@@ -629,7 +631,7 @@ pub enum Status {
 }
 
 impl Status {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Status::Succeeded => "succeeded",
             Status::Failed => "failed",
@@ -650,7 +652,7 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FailureKind::InvalidJob => "invalid_job",
             FailureKind::InvalidRequest => "invalid_request",
@@ -702,7 +704,7 @@ pub struct ResultMessage {
 impl ResultMessage {
     /// The message of a successful call: `content` is `null` when the text
     /// is empty.
-    pub fn assistant(text: &str, refusal: Option<String>) -> ResultMessage {
+    pub(crate) fn assistant(text: &str, refusal: Option<String>) -> ResultMessage {
         ResultMessage {
             role: "assistant".into(),
             content: (!text.is_empty()).then(|| text.to_string()),
@@ -817,10 +819,7 @@ impl JobResult {
 }
 
 /// The current UTC time in RFC 3339 (see [`crate::calendar`]).
-pub use crate::calendar::now_rfc3339;
-
-/// Free-form metadata map type (kept for callers that build metadata).
-pub type Metadata = BTreeMap<String, serde_json::Value>;
+pub(crate) use crate::calendar::now_rfc3339;
 
 #[cfg(test)]
 mod tests {

@@ -52,9 +52,9 @@ use tokio::sync::mpsc::UnboundedReceiver;
 /// Channel on which state changes are published.
 pub const KEY_EVENTS_CHANNEL: &str = "llmq:keyevents";
 /// Daily counters outlive their day by a day (a late flush still lands).
-pub const DAILY_TTL_SECS: i64 = 48 * 3600;
+pub(crate) const DAILY_TTL_SECS: i64 = 48 * 3600;
 /// Usage and spend are kept for `llmq usage` over the last weeks.
-pub const USAGE_TTL_SECS: i64 = 40 * 24 * 3600;
+pub(crate) const USAGE_TTL_SECS: i64 = 40 * 24 * 3600;
 
 /// `llmq:{key:<id>}:state`: the one hash of a key's state, shared with
 /// the cluster gate (`global`), hash-tagged so that it stays in the key's
@@ -96,7 +96,7 @@ pub fn usage_key(day: u64) -> String {
 }
 
 /// `llmq:spend:<YYYY-MM-DD>`.
-pub fn spend_key(day: u64) -> String {
+pub(crate) fn spend_key(day: u64) -> String {
     format!("llmq:spend:{}", day_string(day))
 }
 
@@ -143,7 +143,7 @@ pub struct UsageRow {
 /// one per provider and day for spend. Merging keeps a Redis outage's memory
 /// bounded by the number of keys, however long it lasts.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct PendingCounters {
+pub(crate) struct PendingCounters {
     keys: BTreeMap<KeyId, PendingKey>,
     /// `(provider, day)` → USD.
     spend: BTreeMap<(Arc<str>, u64), f64>,
@@ -175,7 +175,7 @@ fn add_stats(to: &mut StatsDelta, s: StatsDelta) {
 impl PendingCounters {
     /// Adds counters taken from the pool (increments add up, so a key seen
     /// in several takes keeps one entry).
-    pub fn merge(&mut self, d: Deltas) {
+    pub(crate) fn merge(&mut self, d: Deltas) {
         for k in d.keys {
             let p = self.keys.entry(k.id).or_default();
             add_stats(&mut p.stats, k.stats);
@@ -204,18 +204,21 @@ impl PendingCounters {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.spend.is_empty()
     }
 
+    #[cfg(test)]
     /// Keys with unwritten counters.
-    pub fn keys(&self) -> usize {
+    pub(crate) fn keys(&self) -> usize {
         self.keys.len()
     }
 
+    #[cfg(test)]
     /// Rows held in all: per key its daily and usage rows, plus the spend
     /// rows. Bounded by keys × days × models, never by flush attempts.
-    pub fn rows(&self) -> usize {
+    pub(crate) fn rows(&self) -> usize {
         self.keys
             .values()
             .map(|k| 1 + k.daily.len() + k.usage.len())
@@ -224,7 +227,7 @@ impl PendingCounters {
     }
 
     /// The merged counters as one [`Deltas`] (one entry per key, day, model).
-    pub fn to_deltas(&self) -> Deltas {
+    pub(crate) fn to_deltas(&self) -> Deltas {
         Deltas {
             keys: self
                 .keys
@@ -471,7 +474,7 @@ fn flush_pipeline(d: &Deltas) -> Option<redis::Pipeline> {
 }
 
 impl KeyStore {
-    pub fn new(conn: ConnectionManager, pool: KeyPool) -> KeyStore {
+    pub(crate) fn new(conn: ConnectionManager, pool: KeyPool) -> KeyStore {
         KeyStore {
             conn,
             pool,
@@ -616,7 +619,7 @@ impl KeyStore {
     }
 
     /// Writes one state change (and publishes it).
-    pub async fn write_state(&self, ev: &KeyEvent) -> Result<()> {
+    pub(crate) async fn write_state(&self, ev: &KeyEvent) -> Result<()> {
         let mut pipe = redis::pipe();
         pipe.atomic();
         push_state(&mut pipe, ev);
@@ -678,15 +681,16 @@ impl KeyStore {
         Ok(n)
     }
 
+    #[cfg(test)]
     /// The counters taken from the pool and not yet written.
-    pub async fn pending(&self) -> PendingCounters {
+    pub(crate) async fn pending(&self) -> PendingCounters {
         self.unflushed.lock().await.clone()
     }
 
     /// Writes state changes as they come and flushes counters every
     /// `flush_every`, until `shutdown` resolves; then drains and flushes once
     /// more. Redis errors are logged and retried, never fatal.
-    pub async fn run(
+    pub(crate) async fn run(
         &self,
         mut events: UnboundedReceiver<KeyEvent>,
         shutdown: impl Future<Output = ()>,

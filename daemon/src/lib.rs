@@ -7,20 +7,20 @@
 
 pub mod admin;
 pub mod budget;
-pub mod calendar;
-pub mod catalog;
+pub(crate) mod calendar;
+pub(crate) mod catalog;
 pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod commands;
 pub mod config;
-pub mod control;
+pub(crate) mod control;
 #[cfg(feature = "demo")]
-pub mod demo;
-pub mod endpoint;
+pub(crate) mod demo;
+pub(crate) mod endpoint;
 pub mod error;
 pub mod executor;
-pub mod failure;
+pub(crate) mod failure;
 pub mod global;
 pub mod job;
 pub mod keys;
@@ -33,6 +33,6 @@ pub mod queue;
 pub mod redis_conn;
 pub mod router;
 pub mod serve;
-pub mod upstream;
+pub(crate) mod upstream;
 
 pub use error::{Error, Result};

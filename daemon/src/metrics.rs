@@ -68,7 +68,7 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
 
 /// Registers the help text and unit of every llmq metric with the current
 /// recorder.
-pub fn describe() {
+pub(crate) fn describe() {
     describe_counter!(
         JOBS_TOTAL,
         Unit::Count,

@@ -37,11 +37,11 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Timeouts are counted over this window for quarantine.
-pub const QUARANTINE_WINDOW: Duration = Duration::from_secs(600);
+pub(crate) const QUARANTINE_WINDOW: Duration = Duration::from_secs(600);
 /// Plugin calls that timed out, by plugin and call.
-pub const PLUGIN_TIMEOUTS_TOTAL: &str = "llmq_plugin_timeouts_total";
+pub(crate) const PLUGIN_TIMEOUTS_TOTAL: &str = "llmq_plugin_timeouts_total";
 /// Plugins quarantined (1) by name, until the next reload.
-pub const PLUGIN_QUARANTINED: &str = "llmq_plugin_quarantined";
+pub(crate) const PLUGIN_QUARANTINED: &str = "llmq_plugin_quarantined";
 
 /// Loaded plugins by name.
 #[derive(Debug, Clone, Default)]
@@ -105,7 +105,7 @@ impl Default for CallLimits {
 }
 
 impl CallLimits {
-    pub fn of(cfg: &crate::config::PluginsConfig) -> CallLimits {
+    pub(crate) fn of(cfg: &crate::config::PluginsConfig) -> CallLimits {
         CallLimits {
             timeout: cfg.call_timeout,
             quarantine_after: cfg.quarantine_after,
@@ -206,10 +206,6 @@ pub struct PluginHandle {
 }
 
 impl PluginHandle {
-    pub fn plugin(&self) -> &LoadedPlugin {
-        &self.plugin
-    }
-
     /// `prepare` on a plugin thread, within the call time limit.
     pub async fn prepare(
         &self,
@@ -435,18 +431,12 @@ impl PluginHost {
         }
     }
 
-    /// The same plugins with these call limits (and no quarantine).
-    pub fn with_limits(mut self, limits: CallLimits) -> PluginHost {
-        self.guard = Arc::new(CallGuard::new(limits));
-        self
-    }
-
     fn files(dir: &Path) -> Result<Vec<PathBuf>> {
         plugin_files(dir).map_err(|e| Error::Other(format!("plugins dir {}: {e}", dir.display())))
     }
 
     /// Adds one loaded plugin (tests and embedders).
-    pub fn insert(&mut self, plugin: LoadedPlugin) -> Result<()> {
+    pub(crate) fn insert(&mut self, plugin: LoadedPlugin) -> Result<()> {
         self.add(plugin, true)
     }
 
@@ -468,7 +458,7 @@ impl PluginHost {
         Ok(())
     }
 
-    pub fn get(&self, name: &str) -> Result<&LoadedPlugin> {
+    pub(crate) fn get(&self, name: &str) -> Result<&LoadedPlugin> {
         self.plugins.get(name).ok_or_else(|| Error::NoPlugin {
             name: name.to_string(),
             dir: self.dir.clone(),
@@ -525,16 +515,12 @@ impl PluginHost {
         self.plugins.keys().map(String::as_str)
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.plugins.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.plugins.is_empty()
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Messages for files that were refused by lenient loading.

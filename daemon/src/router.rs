@@ -295,10 +295,6 @@ impl RouteTable {
         &self.routes
     }
 
-    pub fn order(&self) -> RouteOrder {
-        self.order
-    }
-
     /// The usable route of `provider` serving `model` (id or alias).
     pub fn find(&self, provider: &str, model: &str) -> Option<Arc<Route>> {
         self.routes

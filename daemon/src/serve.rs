@@ -30,7 +30,7 @@ use std::time::Duration;
 
 /// Where the daemon's settings come from, and command-line overrides.
 #[derive(Debug, Clone, Default)]
-pub struct Options {
+pub(crate) struct Options {
     pub config: Option<PathBuf>,
     pub env_file: Option<PathBuf>,
     pub redis_url: Option<String>,
@@ -47,7 +47,7 @@ pub struct Settings {
 
 impl Options {
     /// Loads the config with the command-line overrides, without keys.
-    pub fn load_config_only(&self) -> Result<Config> {
+    pub(crate) fn load_config_only(&self) -> Result<Config> {
         let mut config = crate::config::load(self.config.as_deref())?;
         self.apply(&mut config);
         Ok(config)
@@ -67,7 +67,7 @@ impl Options {
 
     /// Loads config (with overrides), the env and the keys. Fails fast with
     /// the file and field on bad config.
-    pub fn load(&self) -> Result<Settings> {
+    pub(crate) fn load(&self) -> Result<Settings> {
         let config = self.load_config_only()?;
         let env_file = self
             .env_file
@@ -135,7 +135,7 @@ fn load_spend(runtime: &Runtime, clock: &SharedClock) {
 }
 
 /// A daemon that has started and is serving; created by [`start`].
-pub struct Daemon {
+pub(crate) struct Daemon {
     pub executor: Arc<Executor>,
     pub pool: Arc<KeyPool>,
     pub queue: Queue,
@@ -172,7 +172,7 @@ pub fn upstream_client(config: &Config, file: &str) -> Result<Upstream> {
 }
 
 /// Starts everything but the queue loop (so callers can reach the parts).
-pub async fn start(opts: &Options) -> Result<Daemon> {
+pub(crate) async fn start(opts: &Options) -> Result<Daemon> {
     let settings = opts.load()?;
     // Fail fast on an unsafe admin address, before plugins or Redis.
     let admin = admin_endpoint(&settings, &config_name(opts))?;
@@ -243,7 +243,10 @@ impl Daemon {
     /// Runs until `shutdown` resolves: restores key state if start-up could
     /// not, persists key state changes and counters while jobs run, then
     /// drains in-flight jobs and flushes the counters one last time.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    pub(crate) async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
         let shutdown = shutdown.boxed().shared();
         if !self.restored && !self.restore_until_ok(shutdown.clone()).await {
             return Ok(());
@@ -366,7 +369,7 @@ fn log_disposition(id: &str, lane: &str, attempt: u32, d: &Disposition) {
 }
 
 /// `llmq serve`: start, notify systemd, handle signals, drain on stop.
-pub async fn serve(opts: Options) -> Result<()> {
+pub(crate) async fn serve(opts: Options) -> Result<()> {
     let daemon = start(&opts).await?;
     // Membership heartbeat and cross-daemon key states (cluster.rs).
     let node = crate::cluster::Node::start(

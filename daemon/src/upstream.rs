@@ -25,7 +25,7 @@
 
 use crate::config::{Http2Mode, UpstreamConfig};
 use crate::endpoint::describe;
-pub use crate::endpoint::{check_base_url, check_proxy_url, read_ca_file, CaFileError};
+pub use crate::endpoint::{check_proxy_url, read_ca_file, CaFileError};
 use llmq_sdk::{HttpRequest, HttpResponse};
 use std::path::Path;
 use std::time::Duration;

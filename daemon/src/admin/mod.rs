@@ -40,7 +40,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-pub use server::{connection_cap, raise_nofile_limit, serve_with, ServerLimits, FD_SHARE};
+pub(crate) use server::{raise_nofile_limit, serve_with, ServerLimits};
 pub use types::{
     KeyLimits, KeyView, KeyViewStatus, LaneDepth, ParkedModel, QueueView, Readiness, UsageCount,
     UsageRow,
@@ -96,7 +96,7 @@ pub enum AdminError {
 
 impl AdminError {
     /// The HTTP status this error is answered with.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
             AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -108,7 +108,7 @@ impl AdminError {
 
 /// The JSON body of every admin error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     pub error: String,
 }
 

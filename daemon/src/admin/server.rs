@@ -37,7 +37,7 @@ use tokio::sync::{watch, Notify};
 
 /// The admin API may hold at most `RLIMIT_NOFILE / FD_SHARE` connections;
 /// the rest of the descriptors are reserved for job traffic.
-pub const FD_SHARE: u64 = 4;
+pub(crate) const FD_SHARE: u64 = 4;
 
 /// Connections being closed (evicted, not yet gone) on top of the cap before
 /// new ones are refused outright.
@@ -45,7 +45,7 @@ const EVICTION_SLACK: usize = 32;
 
 /// Timeouts and the connection cap of the admin listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerLimits {
+pub(crate) struct ServerLimits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     /// Already reduced to the descriptor share ([`connection_cap`]).
@@ -61,7 +61,10 @@ impl Default for ServerLimits {
 impl ServerLimits {
     /// The limits of `[admin]`, the cap reduced to the share of `nofile`
     /// (the soft `RLIMIT_NOFILE`; `None` for unlimited).
-    pub fn from_config(cfg: &crate::config::AdminConfig, nofile: Option<u64>) -> ServerLimits {
+    pub(crate) fn from_config(
+        cfg: &crate::config::AdminConfig,
+        nofile: Option<u64>,
+    ) -> ServerLimits {
         ServerLimits {
             header_timeout: cfg.header_timeout,
             idle_timeout: cfg.idle_timeout,
@@ -74,7 +77,7 @@ impl ServerLimits {
 /// the file-descriptor limit `nofile` (`None`: unlimited), and at least 1.
 /// The other three quarters are the reserve for Redis, upstream sockets,
 /// plugins and logs, so a full admin API cannot starve job traffic.
-pub fn connection_cap(configured: usize, nofile: Option<u64>) -> usize {
+pub(crate) fn connection_cap(configured: usize, nofile: Option<u64>) -> usize {
     let share = nofile.map_or(usize::MAX, |n| {
         usize::try_from(n / FD_SHARE).unwrap_or(usize::MAX)
     });
@@ -84,7 +87,7 @@ pub fn connection_cap(configured: usize, nofile: Option<u64>) -> usize {
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit when it is lower, and
 /// returns the soft limit in force afterwards (`None`: unlimited). A limit
 /// that cannot be raised is kept (and logged).
-pub fn raise_nofile_limit() -> Option<u64> {
+pub(crate) fn raise_nofile_limit() -> Option<u64> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let now = getrlimit(Resource::Nofile);
     let raise = match (now.current, now.maximum) {
@@ -107,7 +110,7 @@ pub fn raise_nofile_limit() -> Option<u64> {
 /// Serves `router` on `listener` with `limits` until `shutdown` resolves;
 /// then accepts no more, asks every connection to finish its request and
 /// waits for them to close.
-pub async fn serve_with(
+pub(crate) async fn serve_with(
     listener: TcpListener,
     router: axum::Router,
     limits: ServerLimits,

@@ -20,14 +20,14 @@ pub enum KeyViewStatus {
 
 impl KeyViewStatus {
     /// Every status, in a fixed order (used for the `llmq_key_state` gauge).
-    pub const ALL: [KeyViewStatus; 3] = [
+    pub(crate) const ALL: [KeyViewStatus; 3] = [
         KeyViewStatus::Available,
         KeyViewStatus::Cooling,
         KeyViewStatus::Disabled,
     ];
 
     /// The wire name: `available`, `cooling` or `disabled`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             KeyViewStatus::Available => "available",
             KeyViewStatus::Cooling => "cooling",
@@ -155,11 +155,6 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    /// Ready when Redis answers and at least one plugin is loaded.
-    pub fn is_ready(&self) -> bool {
-        self.redis && self.plugins >= 1
-    }
-
     /// Why the daemon is not ready, or `None` when it is.
     pub fn reason(&self) -> Option<String> {
         match (self.redis, self.plugins) {

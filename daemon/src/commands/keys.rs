@@ -95,7 +95,11 @@ fn encode_id(id: &str) -> String {
         .collect()
 }
 
-pub async fn keys(g: &GlobalArgs, opts: &Options, action: Option<&KeysAction>) -> Result<i32> {
+pub(crate) async fn keys(
+    g: &GlobalArgs,
+    opts: &Options,
+    action: Option<&KeysAction>,
+) -> Result<i32> {
     let settings = opts.load()?;
     let admin = Admin::from(&settings);
     match action {
@@ -242,7 +246,7 @@ fn print_keys(views: &[KeyView]) {
     }
 }
 
-pub async fn usage(g: &GlobalArgs, opts: &Options, since: Option<&str>) -> Result<i32> {
+pub(crate) async fn usage(g: &GlobalArgs, opts: &Options, since: Option<&str>) -> Result<i32> {
     let settings = opts.load()?;
     let Some(admin) = Admin::from(&settings) else {
         eprintln!("llmq usage: admin.listen is empty, so there is no running daemon to ask");

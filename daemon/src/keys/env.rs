@@ -39,7 +39,7 @@ pub struct EnvSource {
 impl EnvSource {
     /// The process environment (variables whose name or value is not UTF-8
     /// are left out).
-    pub fn from_process() -> Self {
+    pub(crate) fn from_process() -> Self {
         let vars = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .map(|(k, v)| {
@@ -131,8 +131,9 @@ impl EnvSource {
         (!v.is_empty()).then_some(v)
     }
 
+    #[cfg(test)]
     /// True when the variable is set (possibly to an empty value).
-    pub fn contains(&self, name: &str) -> bool {
+    pub(crate) fn contains(&self, name: &str) -> bool {
         self.vars.contains_key(name)
     }
 
@@ -157,7 +158,7 @@ impl EnvSource {
 
     /// Where a variable was set, for reports: `env NAME` or
     /// `.env line 7 (NAME)`.
-    pub fn describe(&self, name: &str) -> String {
+    pub(crate) fn describe(&self, name: &str) -> String {
         self.describe_as(name, name)
     }
 
@@ -178,14 +179,6 @@ impl EnvSource {
             }
             Some(Origin::Process) | None => format!("env {label}"),
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.vars.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.vars.is_empty()
     }
 }
 

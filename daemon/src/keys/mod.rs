@@ -123,12 +123,7 @@ impl KeyId {
         }
     }
 
-    pub fn provider(&self) -> &str {
-        &self.provider
-    }
-
-    /// The shared provider name (cheap to clone).
-    pub fn provider_arc(&self) -> &Arc<str> {
+    pub(crate) fn provider(&self) -> &str {
         &self.provider
     }
 
@@ -176,7 +171,7 @@ impl<'de> Deserialize<'de> for KeyId {
 }
 
 /// Masked form shown for the anonymous slot of a keyless provider.
-pub const KEYLESS_MASK: &str = "(keyless)";
+pub(crate) const KEYLESS_MASK: &str = "(keyless)";
 
 /// A key as loaded. The secret is never part of `Debug`/`Display`.
 #[derive(Clone)]
@@ -237,12 +232,12 @@ impl ApiKey {
     }
 
     /// This key's overrides on top of the provider's per-key defaults.
-    pub fn effective_limits(&self, provider_defaults: &Limits) -> Limits {
+    pub(crate) fn effective_limits(&self, provider_defaults: &Limits) -> Limits {
         self.limits.or(*provider_defaults)
     }
 
     /// This key's concurrency cap, else the provider's.
-    pub fn effective_max_concurrent(&self, provider_default: Option<u32>) -> Option<u32> {
+    pub(crate) fn effective_max_concurrent(&self, provider_default: Option<u32>) -> Option<u32> {
         self.max_concurrent.or(provider_default)
     }
 }
@@ -353,7 +348,7 @@ impl KeyRing {
     }
 
     /// Providers that have at least one key, by name.
-    pub fn providers(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn providers(&self) -> impl Iterator<Item = &str> {
         self.by_provider.keys().map(String::as_str)
     }
 

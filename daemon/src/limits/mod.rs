@@ -68,7 +68,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The upstreams' rate window, unless a provider sets `window`.
-pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
 
 /// One reading of the clock: monotonic time for windows and deadlines, Unix
 /// time for days and persisted timestamps.
@@ -88,12 +88,12 @@ impl Now {
 
     /// The UTC day (for reports kept in UTC days, e.g. usage). Provider
     /// days come from the provider's [`DailyReset`].
-    pub fn utc_day(self) -> u64 {
+    pub(crate) fn utc_day(self) -> u64 {
         crate::calendar::utc_day(self.unix_ms).max(0) as u64
     }
 
     /// Unix milliseconds of a clock time.
-    pub fn unix_ms_at(self, mono: Duration) -> u64 {
+    pub(crate) fn unix_ms_at(self, mono: Duration) -> u64 {
         if mono >= self.mono {
             self.unix_ms
                 .saturating_add((mono - self.mono).as_millis() as u64)
@@ -104,7 +104,7 @@ impl Now {
     }
 
     /// Clock time of a Unix-milliseconds instant (saturating at clock zero).
-    pub fn mono_at(self, unix_ms: u64) -> Duration {
+    pub(crate) fn mono_at(self, unix_ms: u64) -> Duration {
         if unix_ms >= self.unix_ms {
             self.mono + Duration::from_millis(unix_ms - self.unix_ms)
         } else {
@@ -144,7 +144,7 @@ impl Default for LimiterConfig {
 
 impl LimiterConfig {
     /// A key's limits: its own overrides over the provider's per-key defaults.
-    pub fn for_key(provider: &ProviderConfig, key: &ApiKey) -> LimiterConfig {
+    pub(crate) fn for_key(provider: &ProviderConfig, key: &ApiKey) -> LimiterConfig {
         LimiterConfig {
             limits: key.effective_limits(&provider.limits),
             max_concurrent: key.effective_max_concurrent(provider.max_concurrent),
@@ -161,7 +161,7 @@ impl LimiterConfig {
     /// The quota an account's keys share: per field, the strictest of the
     /// keys' limits (an account is never allowed more than any of its keys
     /// says). Concurrency and probation stay per key and are not part of it.
-    pub fn for_account<'a>(
+    pub(crate) fn for_account<'a>(
         provider: &ProviderConfig,
         keys: impl IntoIterator<Item = &'a ApiKey>,
     ) -> LimiterConfig {
@@ -190,7 +190,7 @@ impl LimiterConfig {
 }
 
 /// The smaller of two limits; `None` (unlimited) only when both are.
-pub fn strictest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+pub(crate) fn strictest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -213,7 +213,7 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             LimitKind::Concurrency => "concurrency",
             LimitKind::Rpm => "rpm",
@@ -249,7 +249,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn until(&self) -> Option<Duration> {
+    pub(crate) fn until(&self) -> Option<Duration> {
         match self {
             Refusal::Until { until, .. } => Some(*until),
             Refusal::Busy | Refusal::Never { .. } => None,
@@ -290,7 +290,7 @@ impl Ticket {
     }
 
     /// The provider day (see [`DailyReset::day_of`]) it was charged to.
-    pub fn day(&self) -> i64 {
+    pub(crate) fn day(&self) -> i64 {
         self.day
     }
 }
@@ -748,12 +748,12 @@ impl SharedQuota {
     }
 
     /// New account limits (SIGHUP); history is kept where the shape allows.
-    pub fn reconfigure(&self, cfg: LimiterConfig, now: Now) {
+    pub(crate) fn reconfigure(&self, cfg: LimiterConfig, now: Now) {
         self.lock().reconfigure(cfg, now);
     }
 
     /// Whether two handles are the same account's quota.
-    pub fn same(&self, other: &SharedQuota) -> bool {
+    pub(crate) fn same(&self, other: &SharedQuota) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
 }
@@ -813,7 +813,7 @@ impl LocalLimiter {
 
     /// Moves the key onto `quota` (its account's), or back onto one of its
     /// own (`None`, starting empty). A no-op when nothing changes.
-    pub fn share(&mut self, quota: Option<&SharedQuota>, now: Now) {
+    pub(crate) fn share(&mut self, quota: Option<&SharedQuota>, now: Now) {
         match (&self.quota, quota) {
             (QuotaHome::Shared(old), Some(new)) if old.same(new) => {}
             (QuotaHome::Own(_), None) => {}
@@ -824,13 +824,15 @@ impl LocalLimiter {
         }
     }
 
+    #[cfg(test)]
     /// Whether the key shares an account's quota.
-    pub fn is_shared(&self) -> bool {
+    pub(crate) fn is_shared(&self) -> bool {
         matches!(self.quota, QuotaHome::Shared(_))
     }
 
+    #[cfg(test)]
     /// Configured limits tightened by learned ones (the account's when shared).
-    pub fn effective_limits(&mut self) -> Limits {
+    pub(crate) fn effective_limits(&mut self) -> Limits {
         self.quota.with(|q| q.eff)
     }
 }
@@ -909,29 +911,25 @@ impl Admission for LocalLimiter {
 }
 
 /// A key's limiter as the pool holds it: the in-process one inline (no
-/// pointer chase on the hot path), or any other [`Admission`] — e.g. one
-/// that admits against capacity leased from Redis.
+/// pointer chase on the hot path). Another [`Admission`] would be a new
+/// variant here.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant)] // inline on purpose: the hot path reads it
-pub enum Limiter {
+pub(crate) enum Limiter {
     Local(LocalLimiter),
-    Custom(Box<dyn Admission>),
 }
 
 impl Limiter {
     fn inner(&mut self) -> &mut dyn Admission {
         match self {
             Limiter::Local(l) => l,
-            Limiter::Custom(c) => c.as_mut(),
         }
     }
 
     /// Puts the key on its account's quota, or on its own (see
-    /// [`LocalLimiter::share`]). Custom limiters hold their own limits.
-    pub fn share(&mut self, quota: Option<&SharedQuota>, now: Now) {
-        if let Limiter::Local(l) = self {
-            l.share(quota, now);
-        }
+    /// [`LocalLimiter::share`]).
+    pub(crate) fn share(&mut self, quota: Option<&SharedQuota>, now: Now) {
+        let Limiter::Local(l) = self;
+        l.share(quota, now);
     }
 }
 
@@ -966,7 +964,6 @@ impl Admission for Limiter {
     fn config(&self) -> &LimiterConfig {
         match self {
             Limiter::Local(l) => l.config(),
-            Limiter::Custom(c) => c.config(),
         }
     }
 }

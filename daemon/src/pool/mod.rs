@@ -42,7 +42,6 @@ use provider::{Pick, ProviderState, Settings};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -186,7 +185,7 @@ pub enum KeyStatus {
 }
 
 impl KeyStatus {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             KeyStatus::Available => "available",
             KeyStatus::Cooling => "cooling",
@@ -194,7 +193,7 @@ impl KeyStatus {
         }
     }
 
-    pub fn parse(s: &str) -> Option<KeyStatus> {
+    pub(crate) fn parse(s: &str) -> Option<KeyStatus> {
         match s {
             "available" => Some(KeyStatus::Available),
             "cooling" => Some(KeyStatus::Cooling),
@@ -230,7 +229,7 @@ impl StateRecord {
         }
     }
 
-    pub fn of(state: &KeyState, now: Now) -> StateRecord {
+    pub(crate) fn of(state: &KeyState, now: Now) -> StateRecord {
         match state {
             KeyState::CoolingDown { until } if *until > now.mono => StateRecord {
                 status: KeyStatus::Cooling,
@@ -252,7 +251,7 @@ impl StateRecord {
         }
     }
 
-    pub fn to_state(&self, now: Now) -> KeyState {
+    pub(crate) fn to_state(&self, now: Now) -> KeyState {
         match self.status {
             KeyStatus::Available => KeyState::Available,
             KeyStatus::Cooling => match self.until_ms {
@@ -272,7 +271,7 @@ impl StateRecord {
 
 /// A key's state changed (sent to the keystore at once).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct KeyEvent {
+pub(crate) struct KeyEvent {
     pub id: KeyId,
     #[serde(flatten)]
     pub record: StateRecord,
@@ -299,7 +298,7 @@ pub struct KeyStats {
 
 impl KeyStats {
     /// Adds counters restored from storage.
-    pub fn add(&mut self, o: &KeyStats) {
+    pub(crate) fn add(&mut self, o: &KeyStats) {
         self.requests += o.requests;
         self.successes += o.successes;
         self.failures += o.failures;
@@ -438,7 +437,7 @@ pub struct ParkedModel {
 
 /// A model id as quotas and routes are matched: case-sensitive, without a
 /// `models/` prefix (Gemini names models both ways).
-pub fn model_key(model: &str) -> &str {
+pub(crate) fn model_key(model: &str) -> &str {
     model.strip_prefix("models/").unwrap_or(model)
 }
 
@@ -569,7 +568,7 @@ impl KeyPool {
         pool
     }
 
-    pub fn clock(&self) -> &SharedClock {
+    pub(crate) fn clock(&self) -> &SharedClock {
         &self.inner.clock
     }
 
@@ -669,7 +668,7 @@ impl KeyPool {
     }
 
     /// Ends a call with what happened upstream.
-    pub fn report(&self, permit: Permit, fate: Fate) {
+    pub(crate) fn report(&self, permit: Permit, fate: Fate) {
         permit.report(fate);
     }
 
@@ -746,7 +745,7 @@ impl KeyPool {
 
     /// Unix ms of a quota's reset for a provider (`NextDaily`: the
     /// provider's next daily reset).
-    pub fn quota_reset_ms(&self, provider: &str, reset: &QuotaReset) -> u64 {
+    pub(crate) fn quota_reset_ms(&self, provider: &str, reset: &QuotaReset) -> u64 {
         match reset {
             QuotaReset::At { unix_ms } => *unix_ms,
             QuotaReset::NextDaily => {
@@ -763,7 +762,7 @@ impl KeyPool {
     /// Turns a `NextDaily` quota reset in `outcome` into the instant it
     /// means for this provider, so that the pool and the cluster gate park
     /// the key until the same time.
-    pub fn resolve_reset(&self, provider: &str, outcome: &mut Outcome) {
+    pub(crate) fn resolve_reset(&self, provider: &str, outcome: &mut Outcome) {
         if let Outcome::QuotaExhausted {
             reset: Some(reset @ QuotaReset::NextDaily),
             ..
@@ -827,12 +826,6 @@ impl KeyPool {
         notified.await;
     }
 
-    /// The next change from now on (see [`KeyPool::changed_since`]).
-    pub fn changed(&self) -> impl Future<Output = ()> + '_ {
-        let epoch = self.epoch();
-        self.changed_since(epoch)
-    }
-
     /// Every key, sorted by id, as `llmq keys` shows them.
     pub fn snapshot(&self) -> Vec<KeySnapshot> {
         let providers: Vec<Arc<Provider>> = self
@@ -885,7 +878,7 @@ impl KeyPool {
     }
 
     /// Names of the providers the pool knows.
-    pub fn providers(&self) -> Vec<String> {
+    pub(crate) fn providers(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .inner
             .providers
@@ -900,7 +893,7 @@ impl KeyPool {
 
     /// State changes from now on, for the keystore. A new subscription
     /// replaces the previous one.
-    pub fn subscribe_events(&self) -> mpsc::UnboundedReceiver<KeyEvent> {
+    pub(crate) fn subscribe_events(&self) -> mpsc::UnboundedReceiver<KeyEvent> {
         let (tx, rx) = mpsc::unbounded_channel();
         *lock(&self.inner.events) = Some(tx.clone());
         for p in self
@@ -942,7 +935,7 @@ impl KeyPool {
     }
 
     /// Adds spend already recorded today for a provider (at start).
-    pub fn restore_spend(&self, provider: &str, usd: f64) {
+    pub(crate) fn restore_spend(&self, provider: &str, usd: f64) {
         if let Some(p) = self.provider(provider) {
             let now = self.inner.now();
             lock(&p.state).restore_spend(usd, now);
@@ -961,16 +954,10 @@ impl KeyPool {
 
     /// When a provider's day starts (its `daily_reset`; UTC midnight for
     /// an unknown provider).
-    pub fn daily_reset(&self, provider: &str) -> crate::calendar::DailyReset {
+    pub(crate) fn daily_reset(&self, provider: &str) -> crate::calendar::DailyReset {
         self.provider(provider)
             .map(|p| lock(&p.state).settings.provider.daily_reset.clone())
             .unwrap_or_default()
-    }
-
-    /// The provider config the pool applies (for the admin API).
-    pub fn provider_config(&self, provider: &str) -> Option<ProviderConfig> {
-        self.provider(provider)
-            .map(|p| lock(&p.state).settings.provider.clone())
     }
 }
 
@@ -1011,7 +998,7 @@ impl Permit {
     }
 
     /// Tokens charged up front.
-    pub fn tokens(&self) -> u64 {
+    pub(crate) fn tokens(&self) -> u64 {
         self.ticket.as_ref().map_or(0, Ticket::tokens)
     }
 

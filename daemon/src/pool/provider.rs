@@ -256,7 +256,7 @@ fn sorted_models(key: &ApiKey) -> Vec<String> {
 }
 
 impl ProviderState {
-    pub fn new(name: Arc<str>, settings: Settings, now: Now) -> ProviderState {
+    pub(crate) fn new(name: Arc<str>, settings: Settings, now: Now) -> ProviderState {
         ProviderState {
             spend: Vec::new(),
             spend_day: provider_day(&settings, now),
@@ -283,7 +283,7 @@ impl ProviderState {
 
     /// Makes the provider hold exactly `keys` (SIGHUP reload keeps the
     /// limiter, state and stats of every key whose id stays).
-    pub fn sync(&mut self, settings: Settings, keys: &[ApiKey], now: Now) {
+    pub(crate) fn sync(&mut self, settings: Settings, keys: &[ApiKey], now: Now) {
         self.settings = settings;
         self.today = Default::default();
         self.sync_accounts(keys, now);
@@ -460,7 +460,7 @@ impl ProviderState {
         }
     }
 
-    pub fn index_of(&self, id: &KeyId) -> Option<u32> {
+    pub(crate) fn index_of(&self, id: &KeyId) -> Option<u32> {
         self.by_instance
             .get(&id.instance())
             .copied()
@@ -468,7 +468,7 @@ impl ProviderState {
     }
 
     /// Interns a model name; the groups that serve it are computed once.
-    pub fn model_id(&mut self, model: &str) -> u32 {
+    pub(crate) fn model_id(&mut self, model: &str) -> u32 {
         if let Some(&m) = self.model_ids.get(model) {
             return m;
         }
@@ -574,7 +574,7 @@ impl ProviderState {
     }
 
     /// A new state, written through to the keystore and placed.
-    pub fn set_state(&mut self, idx: u32, state: KeyState, now: Now, emit: bool) {
+    pub(crate) fn set_state(&mut self, idx: u32, state: KeyState, now: Now, emit: bool) {
         self.keys[idx as usize].state = state;
         self.count_live(idx);
         self.detach(idx);
@@ -597,7 +597,7 @@ impl ProviderState {
 
     // ----- selection --------------------------------------------------------
 
-    pub fn acquire(
+    pub(crate) fn acquire(
         &mut self,
         req: &AcquireRequest<'_>,
         model: u32,
@@ -1052,7 +1052,7 @@ impl ProviderState {
 
     /// Ends one admission with what happened upstream (`None`: the permit
     /// was dropped without a report).
-    pub fn release(
+    pub(crate) fn release(
         &mut self,
         idx: u32,
         ticket: Ticket,
@@ -1153,7 +1153,7 @@ impl ProviderState {
         }
     }
 
-    pub fn observe(&mut self, idx: u32, seen: &llmq_sdk::ObservedLimits, now: Now) {
+    pub(crate) fn observe(&mut self, idx: u32, seen: &llmq_sdk::ObservedLimits, now: Now) {
         self.keys[idx as usize].limiter.observe(seen, now);
     }
 
@@ -1163,7 +1163,7 @@ impl ProviderState {
 
     // ----- snapshots and persistence -----------------------------------------
 
-    pub fn snapshot(&mut self, idx: u32, now: Now) -> KeySnapshot {
+    pub(crate) fn snapshot(&mut self, idx: u32, now: Now) -> KeySnapshot {
         let window = self.fallback_wait();
         let shape = self.settings.provider.limit_shape;
         let e = &mut self.keys[idx as usize];
@@ -1208,12 +1208,12 @@ impl ProviderState {
         }
     }
 
-    pub fn live_indexes(&self) -> impl Iterator<Item = u32> + '_ {
+    pub(crate) fn live_indexes(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.keys.len() as u32).filter(|&i| !self.keys[i as usize].retired)
     }
 
     /// Takes the unflushed counters.
-    pub fn take_deltas(&mut self, keys: &mut Vec<KeyDelta>, spend: &mut Vec<SpendDelta>) {
+    pub(crate) fn take_deltas(&mut self, keys: &mut Vec<KeyDelta>, spend: &mut Vec<SpendDelta>) {
         for idx in std::mem::take(&mut self.dirty) {
             let e = &mut self.keys[idx as usize];
             e.dirty = false;
@@ -1241,7 +1241,7 @@ impl ProviderState {
         spend.append(&mut self.spend);
     }
 
-    pub fn spend_today(&self, now: Now) -> f64 {
+    pub(crate) fn spend_today(&self, now: Now) -> f64 {
         if self.spend_day == provider_day(&self.settings, now) {
             self.spend_today
         } else {
@@ -1250,7 +1250,7 @@ impl ProviderState {
     }
 
     /// Adds spend already recorded today (from storage).
-    pub fn restore_spend(&mut self, usd: f64, now: Now) {
+    pub(crate) fn restore_spend(&mut self, usd: f64, now: Now) {
         let today = provider_day(&self.settings, now);
         if self.spend_day != today {
             self.spend_day = today;
@@ -1259,7 +1259,7 @@ impl ProviderState {
         self.spend_today += usd;
     }
 
-    pub fn restore(&mut self, idx: u32, restored: Restored, now: Now) {
+    pub(crate) fn restore(&mut self, idx: u32, restored: Restored, now: Now) {
         if let Some(stats) = restored.stats {
             let e = &mut self.keys[idx as usize];
             e.stats.add(&stats);
@@ -1515,7 +1515,7 @@ fn provider_day(settings: &Settings, now: Now) -> u64 {
 impl ProviderState {
     /// Panics unless every key is in exactly the place its `loc` says and
     /// the group counters agree.
-    pub fn check_invariants(&self) {
+    pub(crate) fn check_invariants(&self) {
         for (gi, g) in self.groups.iter().enumerate() {
             let members: Vec<u32> = g
                 .members
@@ -1558,7 +1558,7 @@ impl ProviderState {
     }
 
     /// Brute force: could any key serve this request right now?
-    pub fn could_serve(&mut self, req: &AcquireRequest<'_>, now: Now) -> bool {
+    pub(crate) fn could_serve(&mut self, req: &AcquireRequest<'_>, now: Now) -> bool {
         self.keys.iter_mut().any(|e| {
             let state_ok = match &e.state {
                 KeyState::Available => true,

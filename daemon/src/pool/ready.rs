@@ -24,11 +24,11 @@ pub(super) type LruKey = (u64, u32);
 pub(super) type LoadKey = (u32, u64, u32);
 
 impl Slot {
-    pub fn lru(&self) -> LruKey {
+    pub(crate) fn lru(&self) -> LruKey {
         (self.seq, self.idx)
     }
 
-    pub fn load(&self) -> LoadKey {
+    pub(crate) fn load(&self) -> LoadKey {
         (self.in_flight, self.seq, self.idx)
     }
 }
@@ -57,7 +57,7 @@ impl Fenwick {
     }
 
     /// Grows to at least `len` positions (new positions hold 0).
-    pub fn grow(&mut self, len: usize) {
+    pub(crate) fn grow(&mut self, len: usize) {
         while self.tree.len() < len {
             let i = self.tree.len() + 1;
             let v = self.prefix(i - 1) - self.prefix(i - lowbit(i));
@@ -65,7 +65,7 @@ impl Fenwick {
         }
     }
 
-    pub fn add(&mut self, pos: usize, delta: i64) {
+    pub(crate) fn add(&mut self, pos: usize, delta: i64) {
         self.grow(pos + 1);
         self.total = self.total.wrapping_add_signed(delta);
         let mut i = pos + 1;
@@ -75,12 +75,12 @@ impl Fenwick {
         }
     }
 
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.total
     }
 
     /// The position where the running sum first exceeds `r` (`r < total`).
-    pub fn find(&self, mut r: u64) -> Option<usize> {
+    pub(crate) fn find(&self, mut r: u64) -> Option<usize> {
         if r >= self.total {
             return None;
         }
@@ -116,7 +116,7 @@ pub(super) struct ReadySet {
 }
 
 impl ReadySet {
-    pub fn insert(&mut self, s: Slot) {
+    pub(crate) fn insert(&mut self, s: Slot) {
         if self.lru.insert(s.lru()) {
             if let Some(load) = &mut self.load {
                 load.insert(s.load());
@@ -130,7 +130,7 @@ impl ReadySet {
         }
     }
 
-    pub fn remove(&mut self, s: Slot) {
+    pub(crate) fn remove(&mut self, s: Slot) {
         if self.lru.remove(&s.lru()) {
             if let Some(load) = &mut self.load {
                 load.remove(&s.load());
@@ -145,7 +145,7 @@ impl ReadySet {
     }
 
     /// Re-keys a member whose last use or load changed (same position and weight).
-    pub fn rekey(&mut self, old: Slot, new: Slot) {
+    pub(crate) fn rekey(&mut self, old: Slot, new: Slot) {
         if old.seq != new.seq && self.lru.remove(&old.lru()) {
             self.lru.insert(new.lru());
         }
@@ -157,14 +157,14 @@ impl ReadySet {
     }
 
     /// Builds the least-loaded order if it is not kept yet.
-    pub fn ensure_load(&mut self, slot_of: impl Fn(u32) -> Slot) {
+    pub(crate) fn ensure_load(&mut self, slot_of: impl Fn(u32) -> Slot) {
         if self.load.is_none() {
             self.load = Some(self.lru.iter().map(|&(_, i)| slot_of(i).load()).collect());
         }
     }
 
     /// Builds the count and weight trees if they are not kept yet.
-    pub fn ensure_sampling(&mut self, slot_of: impl Fn(u32) -> Slot) {
+    pub(crate) fn ensure_sampling(&mut self, slot_of: impl Fn(u32) -> Slot) {
         if self.counts.is_none() {
             let (mut c, mut w) = (Fenwick::default(), Fenwick::default());
             for &(_, i) in &self.lru {
@@ -178,21 +178,21 @@ impl ReadySet {
     }
 
     #[cfg(test)]
-    pub fn lru_contains(&self, k: LruKey) -> bool {
+    pub(crate) fn lru_contains(&self, k: LruKey) -> bool {
         self.lru.contains(&k)
     }
 
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.lru.len() as u64
     }
 
     /// Total weight (needs [`ReadySet::ensure_sampling`]).
-    pub fn total_weight(&self) -> u64 {
+    pub(crate) fn total_weight(&self) -> u64 {
         self.weights.as_ref().map_or(0, Fenwick::total)
     }
 
     /// The least recently used member after `after`.
-    pub fn lru_after(&self, after: Option<LruKey>) -> Option<LruKey> {
+    pub(crate) fn lru_after(&self, after: Option<LruKey>) -> Option<LruKey> {
         match after {
             None => self.lru.first().copied(),
             Some(k) => self
@@ -204,7 +204,7 @@ impl ReadySet {
     }
 
     /// The least loaded member after `after` (needs [`ReadySet::ensure_load`]).
-    pub fn load_after(&self, after: Option<LoadKey>) -> Option<LoadKey> {
+    pub(crate) fn load_after(&self, after: Option<LoadKey>) -> Option<LoadKey> {
         let load = self.load.as_ref()?;
         match after {
             None => load.first().copied(),
@@ -216,12 +216,12 @@ impl ReadySet {
     }
 
     /// A member position, uniformly (`r < len`; needs [`ReadySet::ensure_sampling`]).
-    pub fn pick_uniform(&self, r: u64) -> Option<usize> {
+    pub(crate) fn pick_uniform(&self, r: u64) -> Option<usize> {
         self.counts.as_ref()?.find(r)
     }
 
     /// A member position, by weight (`r < total_weight`).
-    pub fn pick_weighted(&self, r: u64) -> Option<usize> {
+    pub(crate) fn pick_weighted(&self, r: u64) -> Option<usize> {
         self.weights.as_ref()?.find(r)
     }
 }

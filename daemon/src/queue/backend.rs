@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 /// One delivery of a job, as the worker receives it.
 #[derive(Debug)]
-pub struct Delivery {
+pub(crate) struct Delivery {
     pub(crate) job: Job,
     pub(crate) ctx: JobContext,
     pub(crate) entry: EntryInfo,
@@ -33,15 +33,7 @@ pub struct Delivery {
     pub(crate) permit: OwnedSemaphorePermit,
 }
 
-impl Delivery {
-    pub fn job(&self) -> &Job {
-        &self.job
-    }
-
-    pub fn context(&self) -> &JobContext {
-        &self.ctx
-    }
-}
+impl Delivery {}
 
 /// What the queue keeps about the stream entry while its job runs.
 #[derive(Debug)]
@@ -59,7 +51,7 @@ pub(crate) struct EntryInfo {
 /// retries happen in the queue's own tasks; this end hands their
 /// deliveries to apalis and stops yielding when the queue is stopping.
 #[derive(Clone)]
-pub struct StreamsBackend {
+pub(crate) struct StreamsBackend {
     rx: Arc<Mutex<mpsc::UnboundedReceiver<Delivery>>>,
     stopping: Arc<AtomicBool>,
 }
@@ -141,7 +133,7 @@ impl BackendConfig for StreamsBackend {
 
 /// The service the apalis worker calls per delivery.
 #[derive(Clone)]
-pub struct JobService {
+pub(crate) struct JobService {
     handler: Arc<dyn JobHandler>,
     shared: Arc<Shared>,
     writes: mpsc::UnboundedSender<Write>,

@@ -16,7 +16,7 @@ const MAX_IDLE: Duration = Duration::from_secs(1);
 
 /// The delay before retry number `attempt + 1`, after attempt `attempt`
 /// (1-based) failed: `initial_delay * factor^(attempt-1)`, capped at `max_delay`.
-pub fn backoff_delay(cfg: &RetryConfig, attempt: u32) -> Duration {
+pub(crate) fn backoff_delay(cfg: &RetryConfig, attempt: u32) -> Duration {
     let factor = if cfg.factor.is_finite() && cfg.factor > 0.0 {
         cfg.factor
     } else {

@@ -61,7 +61,7 @@ pub(crate) struct Fetcher {
 }
 
 impl Fetcher {
-    pub fn new(
+    pub(crate) fn new(
         shared: Arc<Shared>,
         permits: Arc<Semaphore>,
         out: mpsc::UnboundedSender<Delivery>,
@@ -92,7 +92,7 @@ impl Fetcher {
     }
 
     /// Fetches until stopped; Redis errors are logged and retried with backoff.
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         let mut backoff = OutageBackoff::new();
         let mut groups_ready = false;
         loop {

@@ -3,37 +3,37 @@
 //! slot; result keys are per job and live on other slots.
 
 /// Consumer group every daemon reads the lanes with.
-pub const GROUP: &str = "llmq";
+pub(crate) const GROUP: &str = "llmq";
 /// ZSET of delayed retries, scored by due time (Unix ms).
-pub const DELAYED_KEY: &str = "llmq:{jobs}:delayed";
+pub(crate) const DELAYED_KEY: &str = "llmq:{jobs}:delayed";
 /// Hash of dead letters: job id (or stream entry id) → JSON record.
-pub const DEAD_KEY: &str = "llmq:dead";
+pub(crate) const DEAD_KEY: &str = "llmq:dead";
 /// Stream of finished jobs, capped with `MAXLEN ~`.
-pub const RESULTS_STREAM: &str = "llmq:results";
+pub(crate) const RESULTS_STREAM: &str = "llmq:results";
 
 /// The stream of a lane: `llmq:{jobs}:<lane>`.
-pub fn lane_key(lane: &str) -> String {
+pub(crate) fn lane_key(lane: &str) -> String {
     format!("llmq:{{jobs}}:{lane}")
 }
 
 /// Where a job's result JSON is stored.
-pub fn result_key(id: &str) -> String {
+pub(crate) fn result_key(id: &str) -> String {
     format!("llmq:result:{id}")
 }
 
 /// The list a producer `BLPOP`s to learn that a job finished.
-pub fn done_key(id: &str) -> String {
+pub(crate) fn done_key(id: &str) -> String {
     format!("llmq:done:{id}")
 }
 
 /// Held while a job runs, so the same id is not run twice at once.
-pub fn inflight_key(id: &str) -> String {
+pub(crate) fn inflight_key(id: &str) -> String {
     format!("llmq:inflight:{id}")
 }
 
 /// Lane names become key names and parts of the in-flight marker: keep
 /// them short and plain.
-pub fn valid_lane(lane: &str) -> bool {
+pub(crate) fn valid_lane(lane: &str) -> bool {
     !lane.is_empty()
         && lane.len() <= 64
         && lane
@@ -42,7 +42,7 @@ pub fn valid_lane(lane: &str) -> bool {
 }
 
 /// The millisecond part of a stream entry id (`1700000000000-3` → 1700000000000).
-pub fn entry_ms(entry_id: &str) -> Option<u64> {
+pub(crate) fn entry_ms(entry_id: &str) -> Option<u64> {
     entry_id.split('-').next()?.parse().ok()
 }
 

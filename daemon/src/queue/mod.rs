@@ -107,13 +107,10 @@ mod scripts;
 mod stats;
 mod writer;
 
-pub use backend::{Delivery, JobService, StreamsBackend};
-pub use delayed::backoff_delay;
-pub use keys::{
-    done_key, entry_ms, inflight_key, lane_key, result_key, valid_lane, DEAD_KEY, DELAYED_KEY,
-    GROUP, RESULTS_STREAM,
-};
-pub use producer::{get_result, push, push_limited, push_with, wait};
+pub(crate) use backend::{JobService, StreamsBackend};
+pub(crate) use keys::{lane_key, valid_lane};
+pub(crate) use producer::push_with;
+pub use producer::{get_result, push, wait};
 pub use stats::{stats, LaneStats, QueueStats};
 
 use crate::config::{Config, QueueConfig};
@@ -219,7 +216,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Index of the lane used when an entry names no known lane.
-    pub fn default_lane(&self) -> usize {
+    pub(crate) fn default_lane(&self) -> usize {
         self.lanes
             .iter()
             .position(|l| l.name == "normal")
@@ -227,17 +224,17 @@ impl Shared {
     }
 
     /// The in-flight marker value of an entry owned by this consumer.
-    pub fn inflight_value(&self, lane: usize, entry_id: &str) -> String {
+    pub(crate) fn inflight_value(&self, lane: usize, entry_id: &str) -> String {
         format!("{}|{}|{}", self.consumer, self.lanes[lane].name, entry_id)
     }
 
-    pub fn track(&self, lane: usize, entry_id: &str, job_id: &str) {
+    pub(crate) fn track(&self, lane: usize, entry_id: &str, job_id: &str) {
         if let Ok(mut m) = self.inflight.lock() {
             m.insert((lane, entry_id.to_string()), job_id.to_string());
         }
     }
 
-    pub fn untrack(&self, lane: usize, entry_id: &str) {
+    pub(crate) fn untrack(&self, lane: usize, entry_id: &str) {
         if let Ok(mut m) = self.inflight.lock() {
             m.remove(&(lane, entry_id.to_string()));
         }
@@ -254,17 +251,17 @@ pub(crate) struct OutageBackoff {
 }
 
 impl OutageBackoff {
-    pub fn new() -> OutageBackoff {
+    pub(crate) fn new() -> OutageBackoff {
         OutageBackoff {
             next: Duration::from_millis(100),
         }
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = Duration::from_millis(100);
     }
 
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(Duration::from_secs(5));
         d
@@ -397,7 +394,7 @@ impl Queue {
 
     /// A clone of the queue's multiplexed connection (cheap), for the admin
     /// API and producers. Do not run blocking commands on it.
-    pub fn connection(&self) -> ConnectionManager {
+    pub(crate) fn connection(&self) -> ConnectionManager {
         self.shared.conn.clone()
     }
 

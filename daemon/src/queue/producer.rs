@@ -22,7 +22,7 @@ pub async fn push<C: ConnectionLike + Send>(
 }
 
 /// [`push`] with the daemon's `max_job_bytes`.
-pub async fn push_limited<C: ConnectionLike + Send>(
+pub(crate) async fn push_limited<C: ConnectionLike + Send>(
     conn: &mut C,
     lane: &str,
     job_json: &str,
@@ -41,7 +41,7 @@ pub async fn push_limited<C: ConnectionLike + Send>(
 }
 
 /// [`push`] with the daemon's limits (`queue.max_job_bytes`, `queue.max_models`).
-pub async fn push_with<C: ConnectionLike + Send>(
+pub(crate) async fn push_with<C: ConnectionLike + Send>(
     conn: &mut C,
     lane: &str,
     job_json: &str,

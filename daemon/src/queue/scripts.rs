@@ -133,7 +133,7 @@ pub(crate) struct Scripts {
 }
 
 impl Scripts {
-    pub fn new() -> Scripts {
+    pub(crate) fn new() -> Scripts {
         Scripts {
             fetch: Script::new(FETCH),
             reclaim: Script::new(RECLAIM),

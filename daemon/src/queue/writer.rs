@@ -49,7 +49,7 @@ pub(crate) struct ResultWrite {
 }
 
 impl ResultWrite {
-    pub fn new(r: &JobResult) -> ResultWrite {
+    pub(crate) fn new(r: &JobResult) -> ResultWrite {
         let json = serde_json::to_string(r).unwrap_or_else(|e| {
             serde_json::json!({
                 "id": r.id, "status": "failed", "cost_usd": 0.0, "attempts": [],

@@ -2,6 +2,7 @@
 //! classification, proxies and NO_PROXY, HTTP/2 modes, and the start-up checks.
 
 use super::*;
+use crate::endpoint::check_base_url;
 use axum::body::{Body, Bytes};
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
