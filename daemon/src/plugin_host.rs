@@ -244,7 +244,18 @@ impl PluginHandle {
             let _ = tx.send(f(&plugin));
         }));
         let limit = self.guard.limits.timeout;
-        match tokio::time::timeout(limit, rx).await {
+        let started = tokio::time::Instant::now();
+        let mut rx = rx;
+        // A call answers in microseconds; one that has waited STALLED may
+        // sit behind threads that hang: let the pool start another.
+        let answer = match tokio::time::timeout(STALLED.min(limit), &mut rx).await {
+            Ok(answer) => Ok(answer),
+            Err(_) => {
+                workers().nudge();
+                tokio::time::timeout_at(started + limit, rx).await
+            }
+        };
+        match answer {
             Ok(Ok(result)) => result.map_err(PluginCallError::from),
             Ok(Err(_)) => Err(PluginCallError::Lost {
                 plugin: name.to_string(),
@@ -270,73 +281,124 @@ type Task = Box<dyn FnOnce() + Send>;
 
 /// The threads plugin calls run on: plain OS threads, so a call that never
 /// returns holds only its own thread (not a tokio worker, and not the
-/// process at exit). A thread is started whenever none is idle; idle
-/// threads end after a minute without work.
+/// process at exit).
+///
+/// The pool keeps about one thread per core busy: a call is a few
+/// microseconds of JSON, and more threads than cores only add context
+/// switches (an unbounded pool grew to 190 threads and cost ~45 µs per job
+/// in the burn-down benchmark). A thread whose call has run longer than
+/// [`STALLED`] does not count against that bound, so a plugin that hangs or
+/// loops holds only its own thread: the next call (or a caller that waited
+/// [`STALLED`] for its answer, [`Workers::nudge`]) starts another. Idle
+/// threads beyond the first end after a minute without work.
 struct Workers {
     tx: mpsc::Sender<Task>,
     rx: Mutex<mpsc::Receiver<Task>>,
     counts: Mutex<Counts>,
+    /// Threads that may run calls at once, stalled ones not counted.
+    floor: usize,
 }
 
 #[derive(Default)]
 struct Counts {
-    /// Threads waiting for work and not yet promised a task.
+    /// Threads waiting for work.
     idle: usize,
+    /// Tasks sent and not yet taken by a thread.
+    queued: usize,
     total: usize,
+    /// When each busy thread's current call began, by thread number.
+    busy: HashMap<u64, Instant>,
+    next_id: u64,
 }
 
 const IDLE_EXIT: Duration = Duration::from_secs(60);
+/// A call running this long no longer counts as one of the pool's busy
+/// threads; well above a plugin call's normal microseconds.
+const STALLED: Duration = Duration::from_millis(20);
 
 fn workers() -> &'static Workers {
     static WORKERS: OnceLock<Workers> = OnceLock::new();
     WORKERS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        Workers::new(cores.max(2))
+    })
+}
+
+impl Workers {
+    fn new(floor: usize) -> Workers {
         let (tx, rx) = mpsc::channel();
         Workers {
             tx,
             rx: Mutex::new(rx),
             counts: Mutex::new(Counts::default()),
+            floor,
         }
-    })
-}
+    }
 
-impl Workers {
     fn submit(&'static self, task: Task) {
+        lock(&self.counts).queued += 1;
+        // Sent before a thread can look for it; a send fails only when
+        // every receiver is gone, which this static never is.
+        let _ = self.tx.send(task);
+        self.nudge();
+    }
+
+    /// Starts a thread when more tasks wait than threads are idle and fewer
+    /// than `floor` threads are idle or running a call that has not stalled.
+    fn nudge(&'static self) {
+        self.nudge_at(Instant::now());
+    }
+
+    fn nudge_at(&'static self, now: Instant) {
         let spawn = {
             let mut c = lock(&self.counts);
-            if c.idle > 0 {
-                c.idle -= 1;
-                false
-            } else {
+            let stalled = c
+                .busy
+                .values()
+                .filter(|&&t| now.saturating_duration_since(t) >= STALLED)
+                .count();
+            if c.queued > c.idle && c.total - stalled < self.floor {
                 c.total += 1;
-                true
+                c.next_id += 1;
+                Some(c.next_id)
+            } else {
+                None
             }
         };
-        if spawn {
+        if let Some(id) = spawn {
             let started = std::thread::Builder::new()
                 .name("llmq-plugin".into())
-                .spawn(move || self.work());
+                .spawn(move || self.work(id));
             if let Err(e) = started {
                 // The task waits for a busy thread to finish.
                 lock(&self.counts).total -= 1;
                 tracing::error!(error = %e, "cannot start a plugin thread");
             }
         }
-        let _ = self.tx.send(task);
     }
 
-    fn work(&'static self) {
+    fn work(&'static self, id: u64) {
+        lock(&self.counts).idle += 1;
         loop {
             let next = lock(&self.rx).recv_timeout(IDLE_EXIT);
             match next {
                 Ok(task) => {
+                    {
+                        let mut c = lock(&self.counts);
+                        c.idle -= 1;
+                        c.queued -= 1;
+                        c.busy.insert(id, Instant::now());
+                    }
                     // Host code around the call could panic; the thread lives on
                     // (the caller sees its answer channel close).
                     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(task));
-                    lock(&self.counts).idle += 1;
+                    let mut c = lock(&self.counts);
+                    c.busy.remove(&id);
+                    c.idle += 1;
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let mut c = lock(&self.counts);
-                    if c.idle > 0 {
+                    if c.total > 1 && c.idle > c.queued {
                         c.idle -= 1;
                         c.total -= 1;
                         return;
@@ -345,6 +407,11 @@ impl Workers {
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
+    }
+
+    #[cfg(test)]
+    fn threads(&self) -> usize {
+        lock(&self.counts).total
     }
 }
 
@@ -588,6 +655,60 @@ mod tests {
         let why = host.unavailable("openai").expect("unavailable");
         assert!(why.contains("\"openai\" is not loaded"), "{why}");
         assert!(why.contains("/plugins/libx.so"), "{why}");
+    }
+
+    /// A pool of its own (the global one is shared by every test).
+    fn pool(floor: usize) -> &'static Workers {
+        Box::leak(Box::new(Workers::new(floor)))
+    }
+
+    #[test]
+    fn quick_calls_keep_the_pool_at_its_floor() {
+        // The unbounded pool started a thread whenever none was idle: a
+        // burst of calls grew it to hundreds of threads.
+        let w = pool(2);
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..2_000 {
+            let tx = tx.clone();
+            w.submit(Box::new(move || {
+                let _ = tx.send(());
+            }));
+        }
+        for _ in 0..2_000 {
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("every call ran");
+        }
+        // Slack for a thread the scheduler kept off the CPU past STALLED.
+        assert!(w.threads() <= 2 + 4, "{} threads", w.threads());
+    }
+
+    #[test]
+    fn a_stalled_call_does_not_hold_back_the_next() {
+        let w = pool(1);
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        w.submit(Box::new(move || {
+            let _ = started_tx.send(());
+            let _ = release_rx.recv_timeout(Duration::from_secs(10));
+        }));
+        started_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the first call started");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        w.submit(Box::new(move || {
+            let _ = done_tx.send(());
+        }));
+        // The one thread is busy with a call that has not stalled: the
+        // second call waits for it.
+        assert_eq!(w.threads(), 1);
+        // Once that call has run for STALLED, a nudge starts another thread
+        // and the second call runs while the first still hangs.
+        w.nudge_at(Instant::now() + STALLED);
+        assert_eq!(w.threads(), 2);
+        done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the second call ran beside the stalled one");
+        let _ = release_tx.send(());
     }
 
     #[tokio::test(flavor = "current_thread")]
