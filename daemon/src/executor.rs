@@ -1112,20 +1112,9 @@ mod tests {
     }
 
     fn answered(text: &str, finish: Option<FinishReason>, refusal: Option<&str>) -> Branch {
-        let mut b = Branch {
-            model_asked: "m".into(),
-            status: Status::Succeeded,
-            output: None,
-            finish_reason: None,
-            message: None,
-            route: None,
-            key: None,
-            usage: None,
-            cost_usd: 0.0,
-            attempts: vec![],
-            error: None,
-            duration_ms: 1,
-        };
+        let mut b = Branch::new(Some("m"));
+        b.status = Status::Succeeded;
+        b.duration_ms = 1;
         b.answer(text.into(), finish, refusal.map(String::from));
         b
     }

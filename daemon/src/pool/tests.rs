@@ -273,14 +273,15 @@ fn random_operations_keep_the_pool_consistent_and_never_miss_capacity() {
     );
 }
 
-#[test]
-fn a_dropped_probe_permit_frees_the_probe_at_once_with_an_unknown_fate() {
+/// A pool of one key `p#1` of provider `p` on a manual clock; `tune` adjusts
+/// the config first.
+fn one_key_pool(tune: impl FnOnce(&mut Config)) -> (KeyPool, ManualClock, KeyId) {
     let clock = ManualClock::new(1_714_521_600_000);
     let mut config = Config::default();
     config
         .providers
         .insert("p".into(), ProviderConfig::default());
-    config.keys.reprobe_interval = Duration::from_secs(60);
+    tune(&mut config);
     let id = KeyId::new("p", 1);
     let ring = KeyRing::from_keys([ApiKey::new(
         id.clone(),
@@ -288,6 +289,12 @@ fn a_dropped_probe_permit_frees_the_probe_at_once_with_an_unknown_fate() {
         "test",
     )]);
     let pool = KeyPool::new(&config, &ring, Arc::new(clock.clone()) as Arc<dyn Clock>);
+    (pool, clock, id)
+}
+
+#[test]
+fn a_dropped_probe_permit_frees_the_probe_at_once_with_an_unknown_fate() {
+    let (pool, clock, id) = one_key_pool(|c| c.keys.reprobe_interval = Duration::from_secs(60));
     let req = AcquireRequest {
         provider: "p",
         model: "a",
@@ -351,18 +358,7 @@ fn a_dropped_probe_permit_frees_the_probe_at_once_with_an_unknown_fate() {
 /// counters untouched, and a grant again once it ends.
 #[test]
 fn a_held_back_key_is_granted_nothing_until_the_hold_ends() {
-    let clock = ManualClock::new(1_714_521_600_000);
-    let mut config = Config::default();
-    config
-        .providers
-        .insert("p".into(), ProviderConfig::default());
-    let id = KeyId::new("p", 1);
-    let ring = KeyRing::from_keys([ApiKey::new(
-        id.clone(),
-        Some(SecretString::from("secret-1")),
-        "test",
-    )]);
-    let pool = KeyPool::new(&config, &ring, Arc::new(clock.clone()) as Arc<dyn Clock>);
+    let (pool, clock, id) = one_key_pool(|_| {});
     let req = AcquireRequest {
         provider: "p",
         model: "a",

@@ -110,7 +110,10 @@ mod fixture_tests {
         let fixtures = load_fixtures(&fixtures_dir()).unwrap();
         assert!(!fixtures.is_empty());
         let missing = llmq_sdk::conformance::fixtures_without_doc(&fixtures);
-        assert!(missing.is_empty(), "fixtures naming no doc URL: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "fixtures naming no doc URL: {missing:?}"
+        );
     }
 
     #[test]
