@@ -585,10 +585,22 @@ impl KeyStore {
     /// up; the legacy state is taken only when the new hash has none (it is
     /// older than anything written there); `last_used_ms` keeps the later.
     /// The two hashes lie in different Cluster slots, hence two steps.
+    /// One pipelined `EXISTS` per key first, so a start with no legacy
+    /// hashes (every start after the first) costs one round trip, not one
+    /// per key.
     pub async fn migrate(&self, ids: &[KeyId]) -> Result<usize> {
         let mut conn = self.conn.clone();
-        let mut folded = 0;
+        let mut exists = redis::pipe();
         for id in ids {
+            exists.cmd("EXISTS").arg(legacy_state_key(id));
+        }
+        let present: Vec<bool> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            exists.query_async(&mut conn).await?
+        };
+        let mut folded = 0;
+        for (id, _) in ids.iter().zip(present).filter(|(_, p)| *p) {
             let (old, _): (HashMap<String, String>, i64) = redis::pipe()
                 .atomic()
                 .cmd("HGETALL")
