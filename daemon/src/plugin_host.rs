@@ -336,11 +336,13 @@ impl Workers {
     }
 
     fn submit(&'static self, task: Task) {
-        lock(&self.counts).queued += 1;
-        // Sent before a thread can look for it; a send fails only when
-        // every receiver is gone, which this static never is.
+        // Counted (and a thread decided on) under one lock, before the send,
+        // so the thread that takes the task always finds it counted.
+        let spawn = self.spawn_needed(Instant::now(), 1);
+        // A send fails only when every receiver is gone, which this static
+        // never is.
         let _ = self.tx.send(task);
-        self.nudge();
+        self.spawn(spawn);
     }
 
     /// Starts a thread when more tasks wait than threads are idle and fewer
@@ -350,21 +352,30 @@ impl Workers {
     }
 
     fn nudge_at(&'static self, now: Instant) {
-        let spawn = {
-            let mut c = lock(&self.counts);
-            let stalled = c
-                .busy
-                .values()
-                .filter(|&&t| now.saturating_duration_since(t) >= STALLED)
-                .count();
-            if c.queued > c.idle && c.total - stalled < self.floor {
-                c.total += 1;
-                c.next_id += 1;
-                Some(c.next_id)
-            } else {
-                None
-            }
-        };
+        let spawn = self.spawn_needed(now, 0);
+        self.spawn(spawn);
+    }
+
+    /// Counts `sent` more queued tasks and reserves a new thread's number
+    /// when one should start.
+    fn spawn_needed(&self, now: Instant, sent: usize) -> Option<u64> {
+        let mut c = lock(&self.counts);
+        c.queued += sent;
+        let stalled = c
+            .busy
+            .values()
+            .filter(|&&t| now.saturating_duration_since(t) >= STALLED)
+            .count();
+        if c.queued > c.idle && c.total - stalled < self.floor {
+            c.total += 1;
+            c.next_id += 1;
+            Some(c.next_id)
+        } else {
+            None
+        }
+    }
+
+    fn spawn(&'static self, spawn: Option<u64>) {
         if let Some(id) = spawn {
             let started = std::thread::Builder::new()
                 .name("llmq-plugin".into())
